@@ -1,0 +1,180 @@
+"""Export both networks to ONNX, check them against PyTorch, and write the model card.
+
+Each ONNX graph ends in a sigmoid, so the service reads probabilities directly:
+  classifier.onnx  image (N,3,S,S) float32 -> tumor_probability (N,1)
+  segmenter.onnx   image (N,3,S,S) float32 -> tumor_probability_map (N,1,S,S)
+"""
+
+import hashlib
+import json
+import logging
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from app.core.preprocessing import CHANNEL_ORDER, NORMALIZATION
+from training.models import count_gflops, count_parameters
+from training.train import build_model, predict
+
+log = logging.getLogger("training")
+
+MODEL_FILES = {"classifier": "classifier.onnx", "segmenter": "segmenter.onnx"}
+OUTPUT_NAMES = {"classifier": "tumor_probability", "segmenter": "tumor_probability_map"}
+CARD_FILE = "model_card.json"
+OPSET = 17
+
+
+class WithSigmoid(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(image))
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    config = checkpoint["config"]
+    model = build_model(config["model"], config["width"], tuple(config["blocks"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_onnx(model: nn.Module, kind: str, size: int, path: Path) -> None:
+    # Legacy exporter: one self-contained file, no onnxscript, a stable opset.
+    torch.onnx.export(
+        WithSigmoid(model).eval(),
+        (torch.zeros(1, 3, size, size),),
+        str(path),
+        dynamo=False,
+        opset_version=OPSET,
+        input_names=["image"],
+        output_names=[OUTPUT_NAMES[kind]],
+        dynamic_axes={"image": {0: "batch"}, OUTPUT_NAMES[kind]: {0: "batch"}},
+    )
+
+
+def check_parity(model: nn.Module, path: Path, images: np.ndarray, threshold: float) -> dict[str, float | int]:
+    """Max abs difference of ONNX Runtime vs PyTorch probabilities, and how many decisions differ."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_out = np.concatenate(
+        [session.run(None, {"image": images[i : i + 32].astype(np.float32)})[0] for i in range(0, len(images), 32)]
+    )
+    torch_out = predict(model, images, channels_last=False)
+    return {
+        "slices": len(images),
+        "max_abs_difference": float(np.abs(onnx_out - torch_out).max()),
+        "differing_decisions": int(((onnx_out >= threshold) != (torch_out >= threshold)).sum()),
+    }
+
+
+def export_models(
+    checkpoints: dict[str, Path], out_dir: Path, parity_images: np.ndarray, report: dict, data_description: dict
+) -> dict:
+    """Write both ONNX files and the card; refuse to finish if ONNX and PyTorch disagree on a decision."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card_models = {}
+    size = None
+    for kind, checkpoint_path in checkpoints.items():
+        model, checkpoint = load_checkpoint(checkpoint_path)
+        config, state = checkpoint["config"], checkpoint["state"]
+        size = config["size"]
+        path = out_dir / MODEL_FILES[kind]
+        export_onnx(model, kind, size, path)
+        threshold = report["thresholds"][kind]
+        parity = check_parity(model, path, parity_images, threshold)
+        log.info("%s: %s", kind, parity)
+        if parity["differing_decisions"] or parity["max_abs_difference"] > 1e-3:
+            raise RuntimeError(f"{kind}: ONNX Runtime disagrees with PyTorch: {parity}")
+        card_models[kind] = {
+            "file": MODEL_FILES[kind],
+            "sha256": sha256_of(path),
+            "architecture": (
+                f"ResNet ({'-'.join(map(str, config['blocks']))} BasicBlocks, base width {config['width']})"
+                if kind == "classifier"
+                else f"ResUNet (ResNet encoder {'-'.join(map(str, config['blocks']))}, base width "
+                f"{config['width']}, residual bottleneck, residual decoder with skips)"
+            ),
+            "parameters": count_parameters(model),
+            "gflops_per_slice": round(count_gflops(model, size), 3),
+            "input": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32"},
+            "output": {
+                "name": OUTPUT_NAMES[kind],
+                "shape": ["batch", 1] if kind == "classifier" else ["batch", 1, size, size],
+            },
+            "threshold": threshold,
+            "opset": OPSET,
+            "onnx_parity": parity,
+            "training": {
+                "epochs": state["epoch"],
+                "best_epoch": state["best_epoch"],
+                "best_validation_metric": state["best"],
+                "seconds": round(state["train_seconds"]),
+                "hyperparameters": {
+                    k: config[k]
+                    for k in (
+                        "size",
+                        "width",
+                        "blocks",
+                        "batch_size",
+                        "lr",
+                        "seed",
+                        "autocast",
+                        "channels_last",
+                        "init_encoder",
+                        "pretrained",
+                    )
+                },
+            },
+        }
+    card = {
+        "name": "lgg-tumor-detect-segment",
+        "version": datetime.now(UTC).strftime("%Y.%m.%d"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "task": "Brain MRI slice: is a lower-grade glioma FLAIR abnormality there (classifier), and where (segmenter).",
+        "pipeline": "classifier on every slice; segmenter only where tumor_probability >= classifier threshold",
+        "input": {
+            "size": size,
+            "channel_order": list(CHANNEL_ORDER),
+            "normalization": NORMALIZATION,
+            "accepts": "8-bit slice of any size, RGB in channel_order or a single FLAIR channel (replicated)",
+            "preprocessing": "app.core.preprocessing.preprocess_slice",
+        },
+        "models": card_models,
+        "metrics": report["metrics"],
+        "data": data_description,
+        "hardware": {
+            "machine": platform.machine(),
+            "processor": platform.processor() or "unknown",
+            "torch": torch.__version__,
+            "device": "cpu",
+            "cpu_threads": torch.get_num_threads(),
+        },
+        "intended_use": "Research and engineering demonstration. NOT a medical device; not for diagnosis.",
+        "limitations": [
+            "Trained from scratch (no ImageNet weights) on about 60 patients of one public dataset, on a 2-core CPU.",
+            "Lower-grade glioma FLAIR abnormality only; other pathologies, scanners and protocols are unseen.",
+            "Slice-by-slice: no 3D context.",
+        ],
+        "citation": [
+            "M. Buda, A. Saha, M. A. Mazurowski. Computers in Biology and Medicine 109 (2019).",
+            "M. A. Mazurowski et al. Journal of Neuro-Oncology 133 (2017).",
+        ],
+        "license": "Models derived from data distributed for research, treat as CC BY-NC-SA 4.0.",
+    }
+    (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    return card
