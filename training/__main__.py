@@ -1,17 +1,24 @@
-"""`python -m training {train,evaluate,export,synthetic}`."""
+"""`python -m training {train,evaluate,export,synthetic}`: the offline side of the project."""
 
 import argparse
 
-from training import train
+from training import evaluate, export, synthetic, train
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    train.add_arguments(commands.add_parser("train", help="train the classifier or the segmenter"))
+    for name, module, help_text in [
+        ("train", train, "train the classifier or the segmenter"),
+        ("evaluate", evaluate, "choose thresholds on validation patients, measure on test patients, draw figures"),
+        ("export", export, "export both networks to ONNX, check parity, write the model card"),
+        ("synthetic", synthetic, "write a synthetic kaggle_3m-layout dataset (phantoms with exact masks)"),
+    ]:
+        sub = commands.add_parser(name, help=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
     args = parser.parse_args(argv)
-    if args.command == "train":
-        train.train(args)
+    args.run(args)
 
 
 if __name__ == "__main__":

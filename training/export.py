@@ -5,6 +5,7 @@ Each ONNX graph ends in a sigmoid, so the service reads probabilities directly:
   segmenter.onnx   image (N,3,S,S) float32 -> tumor_probability_map (N,1,S,S)
 """
 
+import argparse
 import hashlib
 import json
 import logging
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 
 from app.core.preprocessing import CHANNEL_ORDER, NORMALIZATION
+from training.dataset import load_cache, read_split
 from training.models import count_gflops, count_parameters
-from training.train import build_model, predict
+from training.train import build_model, predict, setup_logging
 
 log = logging.getLogger("training")
 
@@ -178,3 +180,39 @@ def export_models(
     }
     (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     return card
+
+
+def run(args: argparse.Namespace) -> dict:
+    out_dir, runs = Path(args.out), Path(args.runs)
+    setup_logging(None)
+    report = json.loads(Path(args.report).read_text())
+    checkpoints = {kind: runs / kind / "best.pt" for kind in MODEL_FILES}
+    size = torch.load(checkpoints["classifier"], map_location="cpu", weights_only=False)["config"]["size"]
+    cache = load_cache(Path(args.data), size, Path(args.cache_dir))
+    split = read_split(Path(args.split))
+    # Parity on real validation slices: the inputs the thresholds were chosen on.
+    parity_images = cache.images[cache.indices_of(split["val"])][: args.parity_slices]
+    labels = cache.labels
+    data_description = {
+        "dataset": "LGG Segmentation Dataset (kaggle_3m layout), TCGA-LGG, manual FLAIR abnormality masks",
+        "source": str(args.data),
+        "patients": len(set(cache.patients.tolist())),
+        "slices": len(labels),
+        "tumor_slices": int(labels.sum()),
+        "split": "by patient, stratified by tumor burden, seed 42",
+        "split_patients": split,
+        "split_slices": {part: len(cache.indices_of(names)) for part, names in split.items()},
+    }
+    card = export_models(checkpoints, out_dir, parity_images, report, data_description)
+    log.info("wrote %s with %s", out_dir / CARD_FILE, ", ".join(m["file"] for m in card["models"].values()))
+    return card
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs", default="runs", help="folder with classifier/ and segmenter/ checkpoints")
+    parser.add_argument("--report", default="runs/evaluation/report.json", help="from `python -m training evaluate`")
+    parser.add_argument("--data", default="../shared/data/lgg")
+    parser.add_argument("--split", default="runs/split.json")
+    parser.add_argument("--cache-dir", default=".cache")
+    parser.add_argument("--out", default="models")
+    parser.add_argument("--parity-slices", type=int, default=128, help="validation slices for the ONNX parity check")

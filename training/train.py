@@ -48,11 +48,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_logging(out_dir: Path, rank: int) -> None:
+def setup_logging(log_file: Path | None, rank: int = 0) -> None:
+    """Log to stderr and, on rank 0, to log_file too."""
     handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(out_dir / "train.log"))
+    if rank == 0 and log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         handlers=handlers,
@@ -89,7 +90,7 @@ def validate(kind: str, model: nn.Module, cache: SliceCache, indices: np.ndarray
     return float(np.mean(list(per_volume_dice(masks, cache.masks[indices], cache.patients[indices]).values())))
 
 
-def train(args: argparse.Namespace) -> Path:
+def run(args: argparse.Namespace) -> Path:
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -100,7 +101,7 @@ def train(args: argparse.Namespace) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out) / args.model
-    setup_logging(out_dir, rank)
+    setup_logging(out_dir / "train.log", rank)
     seed_everything(args.seed + rank)
 
     cache = load_cache(Path(args.data), args.size, Path(args.cache_dir))
@@ -207,7 +208,7 @@ def train(args: argparse.Namespace) -> Path:
             improved = metric > state["best"]
             if improved:
                 state["best"], state["best_epoch"] = metric, epoch + 1
-            config = {k: v for k, v in vars(args).items() if k != "func"}
+            config = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
             checkpoint = {"model": model.state_dict(), "config": config, "state": state}
             if improved:
                 torch.save(checkpoint, best_path)
