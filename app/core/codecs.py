@@ -1,0 +1,130 @@
+"""Bytes in, bytes out: decode uploaded slices to 8-bit arrays; encode masks (COCO RLE, PNG) and overlays.
+
+Decoding refuses what it cannot serve with an ImageRejected carrying the HTTP status:
+415 for a format other than TIFF/PNG/JPEG/WebP, 400 for empty or corrupt data, 413 for an image
+whose header announces more pixels than allowed (checked before any pixel is decoded).
+"""
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from app.core.preprocessing import CHANNEL_ORDER
+
+SUPPORTED_FORMATS = ("TIFF", "PNG", "JPEG", "WEBP")
+# Modes wider than 8 bits per pixel: windowed linearly from their own [min, max] to [0, 255].
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+GRAY_MODES = ("L", "LA", "La", "1")
+GENERIC_CONTENT_TYPES = ("", "application/octet-stream")
+OUTLINE_COLOR = (255, 32, 32)
+FLAIR_CHANNEL = CHANNEL_ORDER.index("FLAIR")
+
+
+class ImageRejected(ValueError):
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+def window_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Linear window of the slice's own [min, max] to [0, 255]; a flat slice becomes 0."""
+    values = values.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, np.uint8)
+    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def to_slice_array(image: Image.Image) -> np.ndarray:
+    """PIL image -> uint8 HxW (a single FLAIR channel) or HxWx3 (the dataset's channel order)."""
+    if image.mode in WIDE_MODES:
+        return window_to_uint8(np.asarray(image))
+    if image.mode in GRAY_MODES:
+        return np.asarray(image.convert("L"))
+    return np.asarray(image.convert("RGB"))
+
+
+def decode_image(data: bytes, max_pixels: int, content_type: str | None = None) -> np.ndarray:
+    """Upload bytes -> uint8 slice (HxW or HxWx3) ready for preprocess_slice; raises ImageRejected."""
+    if not data:
+        raise ImageRejected(400, "the file is empty")
+    if data[128:132] == b"DICM":
+        raise ImageRejected(415, "DICOM files are not accepted here; send the slice as TIFF, PNG, JPEG or WebP")
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as error:
+        raise ImageRejected(413, f"image refused before decoding: {error}") from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        declared = (content_type or "").split(";")[0].strip().lower()
+        if declared not in GENERIC_CONTENT_TYPES and not declared.startswith("image/"):
+            raise ImageRejected(415, f"unsupported file type {declared!r}; send TIFF, PNG, JPEG or WebP") from error
+        raise ImageRejected(400, "the file is not a decodable image (expected TIFF, PNG, JPEG or WebP)") from error
+    with image:
+        if image.format not in SUPPORTED_FORMATS:
+            raise ImageRejected(415, f"{image.format} images are not supported; send TIFF, PNG, JPEG or WebP")
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageRejected(
+                413, f"image is {width} x {height} = {width * height} pixels, more than the limit of {max_pixels}"
+            )
+        try:
+            image.load()
+            return to_slice_array(image)
+        # Pillow's decoders raise many exception types on corrupt data; all of them mean "bad file", not a bug.
+        except Exception as error:
+            raise ImageRejected(400, f"cannot decode this {image.format} file: {error}") from error
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """COCO uncompressed RLE: column-major runs, starting with a (possibly empty) run of background."""
+    height, width = mask.shape
+    pixels = mask.ravel(order="F").astype(np.int8)
+    changes = np.flatnonzero(np.diff(pixels)) + 1
+    boundaries = np.concatenate(([0], changes, [pixels.size]))
+    counts = np.diff(boundaries).tolist()
+    if pixels.size and pixels[0]:
+        counts.insert(0, 0)
+    return {"format": "rle", "size": [height, width], "counts": counts}
+
+
+def mask_to_png(mask: np.ndarray) -> bytes:
+    """1-bit PNG (0 = background, 1 = tumor), the same size as the input slice."""
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(bool)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def mask_to_png_base64(mask: np.ndarray) -> dict:
+    return {"format": "png", "size": list(mask.shape), "data": base64.b64encode(mask_to_png(mask)).decode("ascii")}
+
+
+def bounding_box(mask: np.ndarray) -> list[int] | None:
+    """[x, y, width, height] in pixels (COCO order) around the tumor, or None when the mask is empty."""
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return [int(columns[0]), int(rows[0]), int(columns[-1] - columns[0] + 1), int(rows[-1] - rows[0] + 1)]
+
+
+def outline(mask: np.ndarray, thickness: int) -> np.ndarray:
+    """Tumor pixels within `thickness` pixels (4-neighbourhood) of the background or the image border."""
+    inner = mask.copy()
+    for _ in range(thickness):
+        padded = np.pad(inner, 1, constant_values=False)
+        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def overlay_png(slice_uint8: np.ndarray, mask: np.ndarray | None) -> bytes:
+    """The FLAIR channel in gray with the tumor outlined in red: what a viewer shows."""
+    flair = slice_uint8 if slice_uint8.ndim == 2 else slice_uint8[..., FLAIR_CHANNEL]
+    rgb = np.repeat(flair[..., None], 3, axis=2)
+    if mask is not None:
+        thickness = max(1, round(max(mask.shape) / 256))
+        rgb[outline(mask, thickness)] = OUTLINE_COLOR
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()

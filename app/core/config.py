@@ -1,0 +1,63 @@
+"""Service settings, read from environment variables prefixed `LGG_` (e.g. `LGG_MODEL_DIR=/models`)."""
+
+import tempfile
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+# Best first; "auto" keeps the ones this onnxruntime build offers.
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LGG_", frozen=True)
+
+    model_dir: Path = Field(Path("models"), description="Folder with model_card.json and the ONNX files it names.")
+    providers: str = Field(
+        "auto",
+        description="Comma-separated ONNX Runtime execution providers, best first, or 'auto' "
+        "(TensorRT -> CUDA -> CPU, as far as this onnxruntime build offers them).",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per session; 0 = all cores.")
+    trt_cache_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "lgg-trt-engine-cache",
+        description="Where TensorRT keeps built engines so a restart skips the build.",
+    )
+    cuda_mem_limit_bytes: int = Field(0, ge=0, description="CUDA arena limit per session; 0 = no limit.")
+
+    batching: bool = Field(True, description="Gather concurrent slices into one ONNX Runtime call.")
+    max_batch_size: int = Field(16, ge=1, le=256, description="Most slices per ONNX Runtime call.")
+    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long the batcher waits for more slices.")
+    warmup_runs: int = Field(1, ge=0, description="Warm-up inferences per batch size before /readyz says ready.")
+
+    max_upload_bytes: int = Field(20 * MiB, ge=1, description="Largest image file accepted.")
+    max_batch_files: int = Field(256, ge=1, description="Most files in one /v1/predict/batch request.")
+    max_batch_bytes: int = Field(256 * MiB, ge=1, description="Largest /v1/predict/batch request body.")
+    max_pixels: int = Field(4096 * 4096, ge=1, description="Largest image (width x height), checked before decoding.")
+
+    api_key: SecretStr | None = Field(None, description="When set, every route but health and metrics requires it.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @cached_property
+    def provider_list(self) -> list[str]:
+        """The providers to ask for, best first; always ends with the CPU provider as the last resort."""
+        if self.providers.strip().lower() == "auto":
+            import onnxruntime as ort
+
+            available = set(ort.get_available_providers())
+            return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
+        return [p.strip() for p in self.providers.split(",") if p.strip()]
+
+    @property
+    def warmup_batch_sizes(self) -> list[int]:
+        """Powers of two up to max_batch_size, and max_batch_size itself: each new shape is slow once on GPUs."""
+        sizes = {1, self.max_batch_size}
+        size = 2
+        while size < self.max_batch_size:
+            sizes.add(size)
+            size *= 2
+        return sorted(sizes)

@@ -1,0 +1,102 @@
+"""Prometheus metrics, one registry per app so tests and several apps in one process stay apart.
+
+Names follow Prometheus conventions (base units, `_total` counters); the HTTP ones match
+prometheus-fastapi-instrumentator's, so existing dashboards work.
+"""
+
+import time
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.core.pipeline import BatchTimings
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.http_requests = Counter(
+            "http_requests_total", "HTTP requests by route template, method and status.",
+            ["handler", "method", "status"], registry=r,
+        )  # fmt: skip
+        self.http_duration = Histogram(
+            "http_request_duration_seconds", "HTTP request latency, first byte in to last byte out.",
+            ["handler", "method"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_duration = Histogram(
+            "lgg_inference_duration_seconds", "One ONNX Runtime call (a whole batch), by model.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "lgg_inference_batch_size", "Slices per ONNX Runtime call, by model.",
+            ["model"], buckets=BATCH_SIZE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.stage_duration = Histogram(
+            "lgg_pipeline_stage_duration_seconds", "Per-batch time spent in preprocessing and postprocessing.",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "lgg_queue_wait_seconds", "Time a slice waited for its batch to start.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.slices = Counter("lgg_slices_processed_total", "Slices run through the classifier.", registry=r)
+        self.tumors = Counter("lgg_tumors_detected_total", "Slices the classifier flagged as tumor.", registry=r)
+        self.ready = Gauge("lgg_ready", "1 when the models are loaded and warmed up.", registry=r)
+        self.model_info = Info("lgg_model", "The served model card version, file hashes and providers.", registry=r)
+
+    def observe_batch(self, timings: BatchTimings) -> None:
+        """Pipeline callback, once per batch."""
+        self.slices.inc(timings.batch_size)
+        self.tumors.inc(timings.segmented)
+        self.stage_duration.labels("preprocess").observe(timings.preprocess_s)
+        self.stage_duration.labels("postprocess").observe(timings.postprocess_s)
+        self.inference_duration.labels("classifier").observe(timings.classifier_s)
+        self.batch_size.labels("classifier").observe(timings.batch_size)
+        if timings.segmented:
+            self.inference_duration.labels("segmenter").observe(timings.segmenter_s)
+            self.batch_size.labels("segmenter").observe(timings.segmented)
+
+
+class HttpMetricsMiddleware:
+    """Counts every request by its route template (not the raw path, which would explode label cardinality)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            template = getattr(scope.get("route"), "path", None)
+            # A matched static route's path is its own template (the route object lacks the router prefixes);
+            # routes with parameters keep their template so label values stay few.
+            handler = "unmatched" if template is None else template if "{" in template else scope["path"]
+            self.metrics.http_requests.labels(handler, scope["method"], str(status)).inc()
+            self.metrics.http_duration.labels(handler, scope["method"]).observe(time.perf_counter() - started)

@@ -1,0 +1,85 @@
+"""The running service's state: the verified model card, then (after a background load) sessions,
+pipeline and runner. Routes ask it for predictions; health routes ask it whether it is ready."""
+
+import asyncio
+import logging
+import threading
+from enum import StrEnum
+
+import numpy as np
+
+from app.core.batching import DirectRunner, DynamicBatcher, InferenceRunner
+from app.core.config import Settings
+from app.core.metrics import ServiceMetrics
+from app.core.models import LoadedModels, ModelCard, load_models
+from app.core.pipeline import Pipeline, SlicePrediction
+
+log = logging.getLogger(__name__)
+
+
+class State(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class NotReady(RuntimeError):
+    """Predictions were asked for before the models were loaded and warmed up (or after loading failed)."""
+
+
+class InferenceService:
+    def __init__(self, settings: Settings, card: ModelCard, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.card = card
+        self.metrics = metrics
+        self.state = State.LOADING
+        self.failure: str | None = None
+        self.models: LoadedModels | None = None
+        self.pipeline: Pipeline | None = None
+        self.runner: InferenceRunner | None = None
+        self._cancel_loading = threading.Event()
+
+    async def load(self) -> None:
+        """Create sessions and warm up in a thread, so /healthz and /readyz answer meanwhile."""
+        try:
+            models = await asyncio.to_thread(load_models, self.card, self.settings, self._cancel_loading)
+        except Exception as error:  # any loading failure leaves a stopped, clearly unhealthy service
+            log.exception("model loading failed")
+            self.failure, self.state = f"model loading failed: {error}", State.FAILED
+            return
+        if self._cancel_loading.is_set():
+            return
+        self.models = models
+        self.pipeline = Pipeline(models, self.settings.max_batch_size, on_batch=self.metrics.observe_batch)
+        self.runner = (
+            DynamicBatcher(
+                self.pipeline,
+                self.settings.max_batch_size,
+                self.settings.max_wait_ms,
+                on_queue_wait=self.metrics.queue_wait.observe,
+            )
+            if self.settings.batching
+            else DirectRunner(self.pipeline)
+        )
+        self.metrics.model_info.info(
+            {
+                "version": self.card.version,
+                "classifier_sha256": self.card.classifier.sha256,
+                "segmenter_sha256": self.card.segmenter.sha256,
+                "providers": ",".join(models.classifier.providers),
+            }
+        )
+        self.metrics.ready.set(1)
+        self.state = State.READY
+        log.info("ready: model card %s, batching %s", self.card.version, "on" if self.settings.batching else "off")
+
+    async def predict(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
+        if self.runner is None:
+            raise NotReady(self.failure or "the models are still loading and warming up; retry shortly")
+        return await self.runner.predict(slices)
+
+    async def stop(self) -> None:
+        self._cancel_loading.set()
+        if self.runner is not None:
+            await self.runner.stop()
+        self.metrics.ready.set(0)
