@@ -1,0 +1,179 @@
+"""POST /v1/predict (JSON), /v1/predict/mask.png, /v1/predict/overlay.png and /v1/predict/batch."""
+
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, HTTPException, Query, UploadFile
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import ServiceDep, SettingsDep
+from app.api.schemas import BatchItem, BatchPrediction, ErrorBody, MaskFormat, ModelVersions, Prediction, Timings
+from app.core.codecs import (
+    ImageRejected,
+    bounding_box,
+    decode_image,
+    mask_to_png,
+    mask_to_png_base64,
+    mask_to_rle,
+    overlay_png,
+)
+from app.core.config import Settings
+from app.core.models import ModelCard
+from app.core.pipeline import SlicePrediction
+
+router = APIRouter(prefix="/predict", tags=["predict"])
+
+ERRORS = {
+    code: {"model": ErrorBody, "description": description}
+    for code, description in {
+        400: "Empty or undecodable image",
+        401: "Missing or wrong API key",
+        413: "File, request or image dimensions too large",
+        415: "Not TIFF, PNG, JPEG or WebP",
+        422: "Missing or invalid field",
+        503: "Models still loading",
+    }.items()
+}
+PNG_RESPONSE = {200: {"content": {"image/png": {}}, "description": "A PNG the size of the input slice."}}
+FileField = Annotated[
+    UploadFile,
+    File(description="One slice: TIFF, PNG, JPEG or WebP; RGB in kaggle_3m channel order or single-channel FLAIR."),
+]
+MaskFormatQuery = Annotated[MaskFormat, Query(description="How to return the mask.")]
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+async def read_slice(upload: UploadFile, settings: Settings) -> np.ndarray:
+    """The upload's bytes, capped, decoded off the event loop; raises ImageRejected with the status to answer."""
+    data = await upload.read()
+    if len(data) > settings.max_upload_bytes:
+        raise ImageRejected(413, f"file is {len(data)} bytes, more than the limit of {settings.max_upload_bytes}")
+    return await run_in_threadpool(decode_image, data, settings.max_pixels, upload.content_type)
+
+
+def model_versions(card: ModelCard) -> ModelVersions:
+    return ModelVersions(
+        card_version=card.version,
+        classifier_sha256=card.classifier.sha256,
+        segmenter_sha256=card.segmenter.sha256,
+    )
+
+
+def to_prediction(
+    slice_: np.ndarray, prediction: SlicePrediction, mask_format: MaskFormat, versions: ModelVersions
+) -> Prediction:
+    mask = prediction.mask
+    encoded = None
+    if mask is not None and mask_format is MaskFormat.rle:
+        encoded = mask_to_rle(mask)
+    elif mask is not None and mask_format is MaskFormat.png:
+        encoded = mask_to_png_base64(mask)
+    return Prediction(
+        tumor_detected=prediction.tumor_detected,
+        tumor_probability=prediction.tumor_probability,
+        mask=encoded,
+        bbox=bounding_box(mask) if mask is not None else None,
+        area_pixels=int(mask.sum()) if mask is not None else 0,
+        image_size=list(slice_.shape[:2]),
+        models=versions,
+    )
+
+
+async def predict_one(
+    upload: UploadFile, service: ServiceDep, settings: Settings
+) -> tuple[np.ndarray, SlicePrediction]:
+    slice_ = await read_slice(upload, settings)
+    [prediction] = await service.predict([slice_])
+    return slice_, prediction
+
+
+@router.post("", response_model=Prediction, responses=ERRORS, summary="Detect and segment a tumor in one slice")
+async def predict(
+    file: FileField, service: ServiceDep, settings: SettingsDep, mask_format: MaskFormatQuery = MaskFormat.rle
+) -> Prediction:
+    started = time.perf_counter()
+    slice_ = await read_slice(file, settings)
+    decoded = time.perf_counter()
+    [prediction] = await service.predict([slice_])
+    predicted = time.perf_counter()
+    result = await run_in_threadpool(to_prediction, slice_, prediction, mask_format, model_versions(service.card))
+    finished = time.perf_counter()
+    batch = prediction.batch
+    result.timings = Timings(
+        decode_ms=ms(decoded - started),
+        wait_ms=ms(max(0.0, predicted - decoded - batch.total_s)),
+        preprocess_ms=ms(batch.preprocess_s),
+        classifier_ms=ms(batch.classifier_s),
+        segmenter_ms=ms(batch.segmenter_s),
+        postprocess_ms=ms(batch.postprocess_s),
+        encode_ms=ms(finished - predicted),
+        total_ms=ms(finished - started),
+        batch_size=batch.batch_size,
+    )
+    return result
+
+
+def image_response(content: bytes, prediction: SlicePrediction) -> Response:
+    headers = {
+        "X-Tumor-Detected": str(prediction.tumor_detected).lower(),
+        "X-Tumor-Probability": f"{prediction.tumor_probability:.6f}",
+    }
+    return Response(content, media_type="image/png", headers=headers)
+
+
+@router.post(
+    "/mask.png",
+    response_class=Response,
+    responses={**PNG_RESPONSE, **ERRORS},
+    summary="The tumor mask as a 1-bit PNG (all background when no tumor)",
+)
+async def predict_mask_png(file: FileField, service: ServiceDep, settings: SettingsDep) -> Response:
+    slice_, prediction = await predict_one(file, service, settings)
+    mask = prediction.mask if prediction.mask is not None else np.zeros(slice_.shape[:2], bool)
+    return image_response(await run_in_threadpool(mask_to_png, mask), prediction)
+
+
+@router.post(
+    "/overlay.png",
+    response_class=Response,
+    responses={**PNG_RESPONSE, **ERRORS},
+    summary="The slice's FLAIR channel with the tumor outlined in red",
+)
+async def predict_overlay_png(file: FileField, service: ServiceDep, settings: SettingsDep) -> Response:
+    slice_, prediction = await predict_one(file, service, settings)
+    return image_response(await run_in_threadpool(overlay_png, slice_, prediction.mask), prediction)
+
+
+@router.post("/batch", response_model=BatchPrediction, responses=ERRORS, summary="Many slices in one request")
+async def predict_batch(
+    files: Annotated[list[UploadFile], File(description="Slices, the field repeated once per file.")],
+    service: ServiceDep,
+    settings: SettingsDep,
+    mask_format: MaskFormatQuery = MaskFormat.rle,
+) -> BatchPrediction:
+    started = time.perf_counter()
+    if len(files) > settings.max_batch_files:
+        detail = f"{len(files)} files in one request, more than the limit of {settings.max_batch_files}"
+        raise HTTPException(413, detail)
+    items = [BatchItem(filename=f.filename, status_code=200) for f in files]
+    slices: dict[int, np.ndarray] = {}
+    for index, upload in enumerate(files):
+        try:
+            slices[index] = await read_slice(upload, settings)
+        except ImageRejected as error:  # this file fails alone
+            items[index].status_code, items[index].detail = error.status_code, error.detail
+    predictions = await service.predict(list(slices.values()))
+    versions = model_versions(service.card)
+    for (index, slice_), prediction in zip(slices.items(), predictions, strict=True):
+        items[index].prediction = await run_in_threadpool(to_prediction, slice_, prediction, mask_format, versions)
+    return BatchPrediction(
+        results=items,
+        succeeded=len(slices),
+        failed=len(files) - len(slices),
+        total_ms=ms(time.perf_counter() - started),
+    )

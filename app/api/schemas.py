@@ -1,0 +1,90 @@
+"""Response bodies, as the OpenAPI docs at /docs show them."""
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class MaskFormat(StrEnum):
+    rle = "rle"
+    png = "png"
+    none = "none"
+
+
+class RleMask(BaseModel):
+    format: Literal["rle"] = "rle"
+    size: list[int] = Field(description="[height, width] of the input slice.")
+    counts: list[int] = Field(
+        description="COCO uncompressed RLE: run lengths over the mask in column-major order, "
+        "alternating background/tumor and starting with background (0 when the first pixel is tumor). "
+        "Decode with pycocotools.mask.decode(pycocotools.mask.frPyObjects(mask, *size))."
+    )
+
+
+class PngMask(BaseModel):
+    format: Literal["png"] = "png"
+    size: list[int] = Field(description="[height, width] of the input slice.")
+    data: str = Field(description="Base64 of a 1-bit PNG the size of the input slice (1 = tumor).")
+
+
+class ModelVersions(BaseModel):
+    card_version: str
+    classifier_sha256: str
+    segmenter_sha256: str
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    wait_ms: float = Field(description="Waiting for a batch to start (queue) and thread hand-offs.")
+    preprocess_ms: float = Field(description="This slice's batch: preprocessing of every slice in it.")
+    classifier_ms: float = Field(description="This slice's batch: one classifier call.")
+    segmenter_ms: float = Field(description="This slice's batch: one segmenter call over its flagged slices.")
+    postprocess_ms: float
+    encode_ms: float
+    total_ms: float
+    batch_size: int = Field(description="Slices in the ONNX Runtime batch this slice ran in.")
+
+
+class Prediction(BaseModel):
+    tumor_detected: bool = Field(description="The classifier's decision: tumor_probability >= its threshold.")
+    tumor_probability: float = Field(description="Classifier output in [0, 1].")
+    mask: RleMask | PngMask | None = Field(
+        description="Segmented tumor at the input's size; null when no tumor was detected or mask_format=none. "
+        "Can be empty when the classifier flags a tumor the segmenter does not outline."
+    )
+    bbox: list[int] | None = Field(description="[x, y, width, height] in pixels around the mask; null if empty.")
+    area_pixels: int = Field(description="Tumor pixels in the mask (0 when no tumor).")
+    image_size: list[int] = Field(description="[height, width] of the decoded input.")
+    models: ModelVersions
+    timings: Timings | None = Field(None, description="Milliseconds per stage (single-slice routes).")
+
+
+class BatchItem(BaseModel):
+    filename: str | None
+    status_code: int = Field(description="200, or the status this file alone would have got (400, 413, 415).")
+    detail: str | None = Field(None, description="Why this file failed.")
+    prediction: Prediction | None = None
+
+
+class BatchPrediction(BaseModel):
+    results: list[BatchItem] = Field(description="One entry per uploaded file, in upload order.")
+    succeeded: int
+    failed: int
+    total_ms: float
+
+
+class Status(BaseModel):
+    status: str
+
+
+class ModelsInfo(BaseModel):
+    card: dict[str, Any] = Field(description="model_card.json as served.")
+    providers: dict[str, list[str]] = Field(description="ONNX Runtime execution providers each session took.")
+    thresholds: dict[str, float]
+    input_size: int
+    batching: dict[str, Any]
+
+
+class ErrorBody(BaseModel):
+    detail: str

@@ -1,0 +1,68 @@
+"""The FastAPI app: `uvicorn app.main:app` (settings from LGG_* environment variables, see app/core/config.py)."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI
+
+from app.api.deps import require_api_key
+from app.api.errors import add_error_handlers
+from app.api.limits import BodyLimitMiddleware
+from app.api.routes import health, models, predict
+from app.core.config import Settings
+from app.core.metrics import HttpMetricsMiddleware, ServiceMetrics
+from app.core.models import read_model_card
+from app.core.service import InferenceService
+
+log = logging.getLogger(__name__)
+
+MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around a file of max_upload_bytes
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    # Fast and fatal: a missing file or a wrong checksum stops the process before it listens.
+    card = read_model_card(settings.model_dir)
+    log.info("model card %s verified in %s", card.version, settings.model_dir)
+    service = app.state.service = InferenceService(settings, card, app.state.metrics)
+    loading = asyncio.create_task(service.load(), name="load-models")
+    try:
+        yield
+    finally:
+        await service.stop()
+        loading.cancel()
+        await asyncio.gather(loading, return_exceptions=True)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("app").setLevel(settings.log_level)
+    app = FastAPI(
+        title="LGG brain MRI tumor service",
+        version="0.1.0",
+        description="Detects lower-grade glioma FLAIR abnormalities in brain MRI slices and segments them. "
+        "Research and engineering demonstration; NOT a medical device.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
+    add_error_handlers(app)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        limits_by_path={"/v1/predict/batch": settings.max_batch_bytes},
+    )
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)  # outermost: counts the 413s too
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    v1.include_router(predict.router)
+    v1.include_router(models.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    return app
+
+
+app = create_app()
