@@ -56,7 +56,7 @@ def decode_image(data: bytes, max_pixels: int, content_type: str | None = None) 
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError as error:
-        raise ImageRejected(413, f"image refused before decoding: {error}") from error
+        raise ImageRejected(413, f"{error}; refused before decoding") from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         declared = (content_type or "").split(";")[0].strip().lower()
         if declared not in GENERIC_CONTENT_TYPES and not declared.startswith("image/"):
@@ -68,7 +68,9 @@ def decode_image(data: bytes, max_pixels: int, content_type: str | None = None) 
         width, height = image.size
         if width * height > max_pixels:
             raise ImageRejected(
-                413, f"image is {width} x {height} = {width * height} pixels, more than the limit of {max_pixels}"
+                413,
+                f"image is {width} x {height} = {width * height} pixels, more than the limit of {max_pixels}; "
+                "refused before decoding",
             )
         try:
             image.load()

@@ -1,0 +1,176 @@
+"""The model path without HTTP: Pipeline.predict_batch and the dynamic batcher."""
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.core.batching import DirectRunner, DynamicBatcher, ShuttingDown
+from app.core.config import Settings
+from app.core.models import LoadedModels, load_models, read_model_card
+from app.core.pipeline import BatchTimings, Pipeline, SlicePrediction
+from app.core.preprocessing import mask_to_input_size
+from tests.service.conftest import segmenter_map, synthetic_slice
+
+
+@pytest.fixture(scope="module")
+def models(bundled_models_dir: Path) -> LoadedModels:
+    settings = Settings(model_dir=bundled_models_dir, providers="CPUExecutionProvider", warmup_runs=0)
+    return load_models(read_model_card(bundled_models_dir), settings)
+
+
+def slices_of_many_sizes() -> list[np.ndarray]:
+    return [
+        synthetic_slice(256, 256, seed=1),
+        synthetic_slice(512, 384, seed=2),
+        synthetic_slice(97, 140, seed=3)[..., 1],  # single-channel FLAIR
+        synthetic_slice(128, 128, seed=4),
+        np.zeros((64, 64, 3), np.uint8),  # a blank end-of-volume slice
+    ]
+
+
+def test_batched_results_equal_one_by_one_results(models: LoadedModels) -> None:
+    pipeline = Pipeline(models, max_batch_size=8)
+    pipeline.classifier_threshold = 0.0  # segment every slice so masks are compared too
+    slices = slices_of_many_sizes()
+    batched = pipeline.predict_batch(slices)
+    for image, together in zip(slices, batched, strict=True):
+        [alone] = pipeline.predict_batch([image])
+        assert together.tumor_probability == pytest.approx(alone.tumor_probability, abs=1e-5)
+        assert together.mask is not None and together.mask.shape == image.shape[:2]
+        assert alone.mask is not None and (together.mask != alone.mask).mean() < 1e-3
+
+
+def test_mask_is_the_shared_postprocessing_of_the_segmenter_map(models: LoadedModels, bundled_models_dir: Path) -> None:
+    pipeline = Pipeline(models)
+    pipeline.classifier_threshold = 0.0
+    image = synthetic_slice(300, 220)
+    probability_map = segmenter_map(bundled_models_dir, image)
+    pipeline.segmenter_threshold = float(np.median(probability_map))
+    [prediction] = pipeline.predict_batch([image])
+    expected = mask_to_input_size(probability_map, 300, 220, pipeline.segmenter_threshold)
+    assert 0 < expected.sum() < expected.size
+    np.testing.assert_array_equal(prediction.mask, expected)
+
+
+def test_segmenter_runs_only_on_slices_the_classifier_flags(models: LoadedModels) -> None:
+    seen: list[int] = []
+    run = models.segmenter.run
+    slices = slices_of_many_sizes()
+
+    class CountingSegmenter:
+        def run(self, images: np.ndarray) -> np.ndarray:
+            seen.append(len(images))
+            return run(images)
+
+    counting = LoadedModels(models.card, models.classifier, CountingSegmenter())  # type: ignore[arg-type]
+    pipeline = Pipeline(counting)
+    pipeline.classifier_threshold = 1.01  # nothing is a tumor
+    predictions = pipeline.predict_batch(slices)
+    assert seen == []
+    assert all(p.mask is None and not p.tumor_detected for p in predictions)
+
+    probabilities = [p.tumor_probability for p in predictions]
+    pipeline.classifier_threshold = float(np.median(probabilities))
+    predictions = pipeline.predict_batch(slices)
+    flagged = [p.tumor_probability >= pipeline.classifier_threshold for p in predictions]
+    assert seen == [sum(flagged)]
+    assert [p.mask is not None for p in predictions] == flagged == [p.tumor_detected for p in predictions]
+
+
+def test_large_inputs_run_in_chunks_of_max_batch_size(models: LoadedModels) -> None:
+    batches: list[BatchTimings] = []
+    pipeline = Pipeline(models, max_batch_size=4, on_batch=batches.append)
+    predictions = pipeline.predict_batch([synthetic_slice(64, 64, seed=i) for i in range(10)])
+    assert len(predictions) == 10
+    assert [b.batch_size for b in batches] == [4, 4, 2]
+    assert all(b.total_s > 0 for b in batches)
+
+
+class FakePipeline:
+    """Records the batches it is given; answers each slice with its own first pixel as the probability."""
+
+    def __init__(self, seconds: float = 0.02, fail_on: int | None = None) -> None:
+        self.batches: list[int] = []
+        self.seconds = seconds
+        self.fail_on = fail_on
+
+    def predict_batch(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
+        self.batches.append(len(slices))
+        time.sleep(self.seconds)
+        if self.fail_on is not None and any(int(s.flat[0]) == self.fail_on for s in slices):
+            raise RuntimeError("boom")
+        timings = BatchTimings(len(slices), 0, 0, 0, 0, 0)
+        return [SlicePrediction(float(s.flat[0]), False, None, timings) for s in slices]
+
+
+def one_pixel(value: int) -> np.ndarray:
+    return np.full((1, 1), value, np.uint8)
+
+
+def test_dynamic_batcher_gathers_concurrent_requests_in_order() -> None:
+    async def scenario() -> tuple[list[list[float]], FakePipeline, list[float]]:
+        fake, waits = FakePipeline(), []
+        batcher = DynamicBatcher(fake, max_batch_size=4, max_wait_ms=20, on_queue_wait=waits.append)  # type: ignore[arg-type]
+        requests = [batcher.predict([one_pixel(i)]) for i in range(9)]
+        requests.append(batcher.predict([one_pixel(9), one_pixel(10)]))
+        results = await asyncio.gather(*requests)
+        await batcher.stop()
+        return [[p.tumor_probability for p in r] for r in results], fake, waits
+
+    results, fake, waits = asyncio.run(scenario())
+    assert results == [[float(i)] for i in range(9)] + [[9.0, 10.0]]
+    assert sum(fake.batches) == 11
+    assert max(fake.batches) == 4 and len(fake.batches) == 3
+    assert len(waits) == 11 and all(w >= 0 for w in waits)
+
+
+def test_dynamic_batcher_waits_at_most_max_wait_for_a_lone_request() -> None:
+    async def scenario() -> float:
+        batcher = DynamicBatcher(FakePipeline(seconds=0), max_batch_size=64, max_wait_ms=30)  # type: ignore[arg-type]
+        started = time.monotonic()
+        await batcher.predict([one_pixel(1)])
+        elapsed = time.monotonic() - started
+        await batcher.stop()
+        return elapsed
+
+    assert 0.025 <= asyncio.run(scenario()) < 1.0
+
+
+def test_a_failing_batch_fails_its_requests_and_the_worker_lives_on() -> None:
+    async def scenario() -> tuple[list[object], list[SlicePrediction]]:
+        batcher = DynamicBatcher(FakePipeline(fail_on=7), max_batch_size=2, max_wait_ms=5)  # type: ignore[arg-type]
+        first = await asyncio.gather(batcher.predict([one_pixel(7)]), return_exceptions=True)
+        after = await batcher.predict([one_pixel(3)])
+        await batcher.stop()
+        return first, after
+
+    first, after = asyncio.run(scenario())
+    assert isinstance(first[0], RuntimeError)
+    assert after[0].tumor_probability == 3.0
+
+
+def test_stopping_fails_waiting_requests_with_shutting_down() -> None:
+    async def scenario() -> list[object]:
+        batcher = DynamicBatcher(FakePipeline(seconds=0.2), max_batch_size=1, max_wait_ms=0)  # type: ignore[arg-type]
+        waiting = [asyncio.ensure_future(batcher.predict([one_pixel(i)])) for i in range(3)]
+        await asyncio.sleep(0.05)
+        await batcher.stop()
+        outcome = await asyncio.gather(*waiting, return_exceptions=True)
+        with pytest.raises(ShuttingDown):
+            await batcher.predict([one_pixel(1)])
+        return outcome
+
+    assert all(isinstance(o, ShuttingDown) for o in asyncio.run(scenario()))
+
+
+def test_direct_runner_runs_each_request_alone() -> None:
+    async def scenario() -> FakePipeline:
+        fake = FakePipeline()
+        runner = DirectRunner(fake)  # type: ignore[arg-type]
+        await asyncio.gather(*(runner.predict([one_pixel(i)]) for i in range(5)))
+        return fake
+
+    assert asyncio.run(scenario()).batches == [1] * 5

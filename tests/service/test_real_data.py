@@ -1,0 +1,73 @@
+"""Real kaggle_3m slices through the service equal what the training code computes (no train/serve skew)."""
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from app.core.models import read_model_card
+from app.core.preprocessing import mask_to_input_size, preprocess_slice
+
+pytestmark = pytest.mark.real_data
+
+
+def training_reference(model_dir: Path, image_path: Path) -> tuple[float, np.ndarray]:
+    """The training side's reading of the slice, its preprocessing, the ONNX models and the card thresholds."""
+    dataset = pytest.importorskip("training.dataset", reason="training code needs torch")
+    image = dataset.read_image(image_path)
+    card = read_model_card(model_dir)
+    batch = preprocess_slice(image, card.input_size)[None]
+    outputs = {}
+    for spec in (card.classifier, card.segmenter):
+        session = ort.InferenceSession(str(spec.path), providers=["CPUExecutionProvider"])
+        outputs[spec.kind] = session.run([spec.output_name], {spec.input_name: batch})[0]
+    height, width = image.shape[:2]
+    mask = mask_to_input_size(outputs["segmenter"][0, 0], height, width, card.segmenter.threshold)
+    return float(outputs["classifier"][0, 0]), mask
+
+
+def tumor_slices(folder: Path, count: int) -> list[Path]:
+    """The first `count` slices of the first patient whose ground-truth mask is not empty."""
+    patient = sorted(p for p in folder.iterdir() if p.is_dir())[0]
+    found = []
+    for mask_path in sorted(patient.glob("*_mask.*")):
+        with Image.open(mask_path) as mask:
+            if np.asarray(mask.convert("L")).any():
+                stem = mask_path.name.rsplit("_mask", 1)[0]
+                found += [p for p in patient.glob(stem + ".*") if p != mask_path]
+        if len(found) >= count:
+            return found
+    return found
+
+
+@pytest.mark.parametrize("source", ["webp", "tif"])
+def test_service_equals_training_on_real_slices(
+    source: str,
+    client: TestClient,
+    tumor_client: TestClient,
+    bundled_models_dir: Path,
+    tumor_models_dir: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    folder = request.getfixturevalue("real_data_dir" if source == "webp" else "real_tif_sample_dir")
+    paths = tumor_slices(folder, 2)
+    assert paths, f"no tumor slices found under {folder}"
+    for path in paths:
+        # The bundled card's thresholds, then thresholds that force a mask so masks are compared too.
+        for service, model_dir in ((client, bundled_models_dir), (tumor_client, tumor_models_dir)):
+            response = service.post("/v1/predict", files={"file": (path.name, path.read_bytes())})
+            assert response.status_code == 200, response.text
+            body = response.json()
+            tumor_probability, mask = training_reference(model_dir, path)
+            assert body["tumor_probability"] == pytest.approx(tumor_probability, abs=1e-5)
+            if body["tumor_detected"]:
+                rle = body["mask"]
+                served = coco_mask.decode(coco_mask.frPyObjects(rle, *rle["size"])).astype(bool)
+                np.testing.assert_array_equal(served, mask)
+            else:
+                assert body["mask"] is None
+        assert tumor_client.post("/v1/predict", files={"file": (path.name, path.read_bytes())}).json()["mask"]
