@@ -1,0 +1,142 @@
+"""`python -m training train/evaluate/export` end to end on synthetic data: tiny nets, one or two epochs."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from app.core.preprocessing import preprocess_slice
+from tests.training.conftest import TINY_TRAINING, TrainedRuns, copy_run, run_training
+from tests.training.test_models import TORCHVISION_RESNET18_KEYS, torchvision_like_resnet18_state
+from training.dataset import find_slices, read_image
+from training.export import load_checkpoint
+
+pytestmark = pytest.mark.slow
+MODELS = ("classifier", "segmenter")
+
+
+def train_args(trained: TrainedRuns, model: str, out: Path, *extra: str | Path) -> list[str | Path]:
+    return [
+        "train", "--model", model, "--data", trained.data, "--out", out, "--split", trained.split,
+        "--cache-dir", trained.cache_dir, *TINY_TRAINING, *extra,
+    ]  # fmt: skip
+
+
+def history(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "history.json").read_text())
+
+
+def test_train_writes_checkpoints_log_history_and_split(trained_runs: TrainedRuns) -> None:
+    split = json.loads(trained_runs.split.read_text())
+    patients = [name for part in ("train", "val", "test") for name in split[part]]
+    assert len(patients) == len(set(patients)) == 10
+    for model in MODELS:
+        run_dir = trained_runs.runs / model
+        assert [h["epoch"] for h in history(run_dir)] == [1]
+        assert np.isfinite(history(run_dir)[0]["train_loss"])
+        log = (run_dir / "train.log").read_text()
+        assert f"{model}: 72 train slices (6 patients), 24 val slices (2 patients)" in log
+        checkpoint = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+        assert checkpoint["state"]["epoch"] == 1 and checkpoint["config"]["model"] == model
+        assert {"optimizer", "scheduler", "rng"} <= set(checkpoint)
+        model_from_best, _ = load_checkpoint(run_dir / "best.pt")
+        assert sum(p.numel() for p in model_from_best.parameters()) > 0
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_resume_continues_from_the_last_checkpoint(trained_runs: TrainedRuns, tmp_path: Path, model: str) -> None:
+    runs = copy_run(trained_runs, tmp_path / "runs")
+    first = history(runs / model)
+    log = run_training(*train_args(trained_runs, model, runs, "--epochs", "2", "--resume"))
+    assert "resumed from" in log and "at epoch 1" in log
+    resumed = history(runs / model)
+    assert [h["epoch"] for h in resumed] == [1, 2]  # epoch 2 was trained, epoch 1 not again
+    assert resumed[0] == first[0]
+    assert torch.load(runs / model / "last.pt", map_location="cpu", weights_only=False)["state"]["epoch"] == 2
+
+
+def test_pretrained_loads_a_torchvision_checkpoint(trained_runs: TrainedRuns, tmp_path: Path) -> None:
+    state = torchvision_like_resnet18_state(seed=5)
+    torch.save(state, tmp_path / "resnet18.pth")
+    # lr 0: the weights after one epoch are the loaded ones (BatchNorm statistics still move).
+    log = run_training(
+        *train_args(trained_runs, "classifier", tmp_path / "runs", "--pretrained", tmp_path / "resnet18.pth"),
+        "--width", "64", "--lr", "0", "--epochs", "1",
+    )  # fmt: skip
+    assert f"loaded {len(TORCHVISION_RESNET18_KEYS) - 2} tensors" in log  # all but the 1000-class fc
+    model, _ = load_checkpoint(tmp_path / "runs" / "classifier" / "best.pt")
+    for name, parameter in model.named_parameters():
+        if not name.startswith("fc."):
+            assert torch.equal(parameter, state[name]), name
+
+
+def test_segmenter_encoder_starts_from_the_trained_classifier(trained_runs: TrainedRuns, tmp_path: Path) -> None:
+    classifier = trained_runs.runs / "classifier" / "best.pt"
+    run_training(
+        *train_args(trained_runs, "segmenter", tmp_path / "runs", "--init-encoder", classifier),
+        "--lr", "0", "--epochs", "1",
+    )  # fmt: skip
+    segmenter, _ = load_checkpoint(tmp_path / "runs" / "segmenter" / "best.pt")
+    classifier_model, _ = load_checkpoint(classifier)
+    encoder = dict(segmenter.encoder.named_parameters())
+    for name, parameter in classifier_model.named_parameters():
+        if not name.startswith("fc."):
+            assert torch.equal(encoder[name], parameter), name
+
+
+def test_torchrun_two_cpu_processes(trained_runs: TrainedRuns, tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    log = run_training(
+        *train_args(trained_runs, "classifier", tmp_path / "runs", "--epochs", "1"),
+        launcher=(str(torchrun), "--standalone", "--nproc-per-node", "2", "-m"),
+    )
+    assert "world 2" in log
+    assert [h["epoch"] for h in history(tmp_path / "runs" / "classifier")] == [1]
+    _, checkpoint = load_checkpoint(tmp_path / "runs" / "classifier" / "last.pt")  # no DDP "module." prefix
+    assert checkpoint["state"]["epoch"] == 1
+
+
+def test_evaluate_then_export_then_onnx_runtime_matches_pytorch(trained_runs: TrainedRuns, tmp_path: Path) -> None:
+    common = ["--runs", trained_runs.runs, "--data", trained_runs.data, "--split", trained_runs.split]
+    common += ["--cache-dir", trained_runs.cache_dir]
+    run_training("evaluate", *common, "--out", tmp_path / "evaluation")
+    report = json.loads((tmp_path / "evaluation" / "report.json").read_text())
+    assert set(report["thresholds"]) == set(MODELS)
+    for part in ("val", "test"):
+        metrics = report["metrics"][part]
+        assert metrics["patients"] == 2 and metrics["slices"] == 24
+        assert 0 <= metrics["segmentation_pipeline"]["volume_dice_mean"] <= 1
+    for figure in report["figures"]:
+        assert (tmp_path / "evaluation" / figure).stat().st_size > 1000
+
+    run_training("export", *common, "--report", tmp_path / "evaluation" / "report.json", "--out", tmp_path / "models")
+    card = json.loads((tmp_path / "models" / "model_card.json").read_text())
+    assert card["input"]["size"] == 64
+    # The service's path: decode, preprocess_slice, ONNX Runtime, on slices of the test patients.
+    records = [r for r in find_slices(trained_runs.data) if r.patient in report["split_patients"]["test"]]
+    images = np.stack([preprocess_slice(read_image(r.image_path), 64) for r in records])
+    for kind in MODELS:
+        entry = card["models"][kind]
+        path = tmp_path / "models" / entry["file"]
+        assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert entry["onnx_parity"]["differing_decisions"] == 0
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == [entry["input"]["name"]] == ["image"]
+        assert [o.name for o in session.get_outputs()] == [entry["output"]["name"]]
+        onnx_batch = session.run(None, {"image": images})[0]
+        onnx_single = np.concatenate([session.run(None, {"image": images[i : i + 1]})[0] for i in range(3)])
+        model, _ = load_checkpoint(trained_runs.runs / kind / "best.pt")
+        with torch.no_grad():
+            torch_out = torch.sigmoid(model(torch.from_numpy(images))).numpy()
+        assert onnx_batch.shape == torch_out.shape == ((len(images), 1) if kind == "classifier" else (24, 1, 64, 64))
+        np.testing.assert_allclose(onnx_batch, torch_out, atol=1e-4)
+        np.testing.assert_allclose(onnx_single, onnx_batch[:3], atol=1e-5)  # dynamic batch axis
+        # Same decisions, but for outputs within float noise of the threshold.
+        threshold = entry["threshold"]
+        clear = np.abs(torch_out - threshold) > 1e-5
+        assert np.array_equal((onnx_batch >= threshold)[clear], (torch_out >= threshold)[clear])
