@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from app.api.deps import require_api_key
 from app.api.errors import add_error_handlers
 from app.api.limits import BodyLimitMiddleware
-from app.api.routes import health, models, predict
+from app.api.routes import health, models, predict, series, viewer
 from app.core.config import Settings
 from app.core.metrics import HttpMetricsMiddleware, ServiceMetrics
 from app.core.models import read_model_card
@@ -54,14 +54,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
-        limits_by_path={"/v1/predict/batch": settings.max_batch_bytes},
+        limits_by_path={"/v1/predict/batch": settings.max_batch_bytes, "/v1/series": settings.max_batch_bytes},
     )
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)  # outermost: counts the 413s too
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.include_router(predict.router)
     v1.include_router(models.router)
+    v1.include_router(series.router)
     app.include_router(v1)
     app.include_router(health.router)
+    app.include_router(viewer.router)
     return app
 
 

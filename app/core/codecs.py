@@ -51,8 +51,10 @@ def decode_image(data: bytes, max_pixels: int, content_type: str | None = None) 
     """Upload bytes -> uint8 slice (HxW or HxWx3) ready for preprocess_slice; raises ImageRejected."""
     if not data:
         raise ImageRejected(400, "the file is empty")
-    if data[128:132] == b"DICM":
-        raise ImageRejected(415, "DICOM files are not accepted here; send the slice as TIFF, PNG, JPEG or WebP")
+    from app.core.dicom import decode_dicom_slice, is_dicom  # late: app.core.dicom imports ImageRejected from here
+
+    if is_dicom(data, content_type):
+        return decode_dicom_slice(data, max_pixels)
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError as error:

@@ -91,7 +91,7 @@ def test_alpha_and_palette_images_become_rgb() -> None:
         (b"these are not image bytes", "image/png", 400),
         (b"plain text", "text/plain", 415),
         (b"%PDF-1.7 ...", "application/pdf", 415),
-        (b"\0" * 128 + b"DICM" + b"\0" * 64, "application/dicom", 415),
+        (b"\0" * 128 + b"DICM" + b"\0" * 64, "application/dicom", 400),  # a DICOM header with no image
     ],
 )
 def test_bad_bytes_are_refused_with_the_right_status(data: bytes, content_type: str | None, status: int) -> None:

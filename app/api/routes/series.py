@@ -1,0 +1,219 @@
+"""POST /v1/series: every slice of one series, in anatomical order, with the tumor volume; or a DICOM SEG."""
+
+import base64
+import io
+import logging
+import time
+from enum import StrEnum
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, Query, UploadFile
+from fastapi.responses import Response
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import ServiceDep, SettingsDep
+from app.api.routes.predict import ERRORS, model_versions, ms
+from app.api.schemas import MaskFormat, ModelVersions, PngMask, RleMask
+from app.core.codecs import FLAIR_CHANNEL, mask_to_png_base64, mask_to_rle
+from app.core.config import Settings
+from app.core.pipeline import SlicePrediction
+from app.core.seg import build_segmentation
+from app.core.series import Series, SeriesLimits, Upload, keep_largest_component, read_series
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/series", tags=["series"])
+
+DICOM_MEDIA_TYPE = "application/dicom"
+
+
+class SeriesOutput(StrEnum):
+    json = "json"
+    seg = "seg"
+
+
+class SliceResult(BaseModel):
+    index: int = Field(description="Position in anatomical order, from 0.")
+    sop_instance_uid: str | None = Field(description="The source DICOM instance (null for PNG/TIFF slices).")
+    frame_number: int | None = Field(description="1-based frame within a multi-frame DICOM file, else null.")
+    filename: str | None = Field(description="The uploaded file name, for PNG/TIFF slices only.")
+    tumor_detected: bool = Field(description="The classifier's decision for this slice.")
+    tumor_probability: float = Field(description="Classifier output in [0, 1].")
+    mask: RleMask | PngMask | None = Field(
+        description="The slice's tumor mask (after the 3-D cleanup when asked), null when it has no tumor pixel "
+        "or mask_format=none."
+    )
+    area_pixels: int = Field(description="Tumor pixels in this slice's mask.")
+    image: str | None = Field(
+        None,
+        description="With include_images=true: base64 PNG of the 8-bit FLAIR the models saw "
+        "(after the DICOM window), for viewers.",
+    )
+
+
+class VoxelSpacing(BaseModel):
+    row_mm: float = Field(description="Between rows (PixelSpacing[0]).")
+    column_mm: float = Field(description="Between columns (PixelSpacing[1]).")
+    slice_mm: float = Field(description="Between slices.")
+    slice_from: str = Field(
+        description="Where slice_mm comes from: 'positions' (ImagePositionPatient), 'SpacingBetweenSlices' "
+        "or 'SliceThickness'."
+    )
+
+
+class SeriesPrediction(BaseModel):
+    slices: list[SliceResult] = Field(description="One entry per slice, in anatomical order.")
+    slice_count: int
+    ordered_by: str = Field(description="'position', 'instance_number', 'filename' or 'single slice'.")
+    image_size: list[int] = Field(description="[height, width] of every slice.")
+    largest_component: bool = Field(description="Whether only the largest 3-D connected tumor region was kept.")
+    tumor_slices: int = Field(description="Slices with at least one tumor pixel.")
+    tumor_volume_voxels: int = Field(description="Tumor pixels over all slices.")
+    tumor_volume_ml: float | None = Field(
+        description="tumor_volume_voxels x row x column x slice spacing / 1000; null without DICOM spacing."
+    )
+    voxel_spacing: VoxelSpacing | None
+    models: ModelVersions
+    total_ms: float
+
+
+FilesField = Annotated[
+    list[UploadFile],
+    File(
+        description="The series, the field repeated: DICOM files of one series, a zip of them, one multi-frame "
+        "DICOM file, or PNG/TIFF slices whose file names end with their slice number."
+    ),
+]
+
+
+def series_limits(settings: Settings) -> SeriesLimits:
+    # A series is a batch of slices: the batch route's caps apply to it.
+    return SeriesLimits(
+        max_slices=settings.max_batch_files,
+        max_pixels=settings.max_pixels,
+        max_total_pixels=settings.max_batch_bytes,
+        max_total_bytes=settings.max_batch_bytes,
+    )
+
+
+def stack_masks(series: Series, predictions: list[SlicePrediction]) -> np.ndarray:
+    height, width = series.slices[0].pixels.shape[:2]
+    masks = np.zeros((len(predictions), height, width), bool)
+    for index, prediction in enumerate(predictions):
+        if prediction.mask is not None:
+            masks[index] = prediction.mask
+    return masks
+
+
+def encode_mask(mask: np.ndarray, mask_format: MaskFormat) -> dict | None:
+    if not mask.any() or mask_format is MaskFormat.none:
+        return None
+    return mask_to_rle(mask) if mask_format is MaskFormat.rle else mask_to_png_base64(mask)
+
+
+def flair_png_base64(pixels: np.ndarray) -> str:
+    """The slice's FLAIR channel as the models saw it, a gray PNG in base64."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels if pixels.ndim == 2 else pixels[..., FLAIR_CHANNEL]).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def to_series_prediction(
+    series: Series,
+    predictions: list[SlicePrediction],
+    masks: np.ndarray,
+    mask_format: MaskFormat,
+    include_images: bool,
+    largest_component: bool,
+    versions: ModelVersions,
+) -> SeriesPrediction:
+    voxels = int(masks.sum())
+    spacing = None
+    if series.voxel_volume_ml is not None:
+        row_mm, column_mm = series.pixel_spacing_mm
+        spacing = VoxelSpacing(
+            row_mm=row_mm, column_mm=column_mm, slice_mm=series.slice_spacing_mm, slice_from=series.slice_spacing_from
+        )
+    results = [
+        SliceResult(
+            index=index,
+            sop_instance_uid=slice_.sop_instance_uid,
+            frame_number=slice_.frame_number,
+            filename=slice_.filename,
+            tumor_detected=prediction.tumor_detected,
+            tumor_probability=prediction.tumor_probability,
+            mask=encode_mask(mask, mask_format),
+            area_pixels=int(mask.sum()),
+            image=flair_png_base64(slice_.pixels) if include_images else None,
+        )
+        for index, (slice_, prediction, mask) in enumerate(zip(series.slices, predictions, masks, strict=True))
+    ]
+    return SeriesPrediction(
+        slices=results,
+        slice_count=len(results),
+        ordered_by=series.ordered_by,
+        image_size=list(masks.shape[1:]),
+        largest_component=largest_component,
+        tumor_slices=int(masks.any(axis=(1, 2)).sum()),
+        tumor_volume_voxels=voxels,
+        tumor_volume_ml=voxels * series.voxel_volume_ml if series.voxel_volume_ml is not None else None,
+        voxel_spacing=spacing,
+        models=versions,
+        total_ms=0.0,
+    )
+
+
+@router.post(
+    "",
+    response_model=SeriesPrediction,
+    responses={
+        **ERRORS,
+        200: {"content": {DICOM_MEDIA_TYPE: {}}, "description": "JSON, or with output=seg a DICOM SEG file."},
+    },
+    summary="Detect and segment a tumor in every slice of a series; tumor volume; optional DICOM SEG",
+)
+async def predict_series(
+    files: FilesField,
+    service: ServiceDep,
+    settings: SettingsDep,
+    output: Annotated[SeriesOutput, Query(description="json, or seg for a DICOM SEG (DICOM input only).")] = (
+        SeriesOutput.json
+    ),
+    largest_component: Annotated[
+        bool, Query(description="Keep only the largest 3-D (26-)connected tumor region, as Buda et al. do.")
+    ] = False,
+    mask_format: Annotated[MaskFormat, Query(description="How to return each slice's mask.")] = MaskFormat.rle,
+    include_images: Annotated[bool, Query(description="Add each slice's 8-bit FLAIR as a PNG (viewers).")] = False,
+) -> SeriesPrediction | Response:
+    started = time.perf_counter()
+    uploads = [Upload(f.filename, await f.read(), f.content_type) for f in files]
+    series = await run_in_threadpool(read_series, uploads, series_limits(settings))
+    del uploads
+    predictions = await service.predict([s.pixels for s in series.slices])
+    masks = stack_masks(series, predictions)
+    if largest_component:
+        masks = await run_in_threadpool(keep_largest_component, masks)
+    # Counts and geometry only: nothing that identifies the patient is logged.
+    log.info("series: %d slices ordered by %s, %d tumor voxels", len(masks), series.ordered_by, int(masks.sum()))
+    if output is SeriesOutput.seg:
+        seg = await run_in_threadpool(build_segmentation, series, masks, service.card)
+        return Response(
+            seg,
+            media_type=DICOM_MEDIA_TYPE,
+            headers={"Content-Disposition": 'attachment; filename="tumor-seg.dcm"'},
+        )
+    result = await run_in_threadpool(
+        to_series_prediction,
+        series,
+        predictions,
+        masks,
+        mask_format,
+        include_images,
+        largest_component,
+        model_versions(service.card),
+    )
+    result.total_ms = ms(time.perf_counter() - started)
+    return result

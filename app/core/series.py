@@ -1,0 +1,244 @@
+"""One series of slices: read, put in anatomical order, checked to be one stack; then the 3-D cleanup and volume.
+
+Accepted input (any mix of uploads, each possibly a zip of them): DICOM files of one series (single- or
+multi-frame), or PNG/TIFF/JPEG/WebP slices whose file names end with their slice number
+(`TCGA_CS_4941_19960909_12.tif` is slice 12). DICOM and plain images are not mixed in one series.
+
+Order: DICOM frames by their ImagePositionPatient projected on the slice normal (row x column direction
+cosines of ImageOrientationPatient), else by InstanceNumber (then frame number); plain images by the number
+in their file name. Slice spacing: the median distance between neighbouring positions, else
+SpacingBetweenSlices, else SliceThickness; with PixelSpacing it gives the voxel volume in mL.
+"""
+
+import io
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import numpy as np
+from pydicom.dataset import Dataset
+from scipy import ndimage
+
+from app.core.codecs import ImageRejected, decode_image
+from app.core.dicom import DicomFrame, count_frames, decode_frames, first_number, is_dicom, parse_dicom
+
+ZIP_MAGIC = b"PK\x03\x04"
+SLICE_NUMBER = re.compile(r"(\d+)\D*$")  # the last number in a file name's stem
+SAME_POSITION_MM = 1e-3
+SAME_ORIENTATION = 1e-3
+# 26-connectivity, as skimage.measure.label's default in 3-D that Buda et al.'s postprocessing uses.
+FULL_CONNECTIVITY = np.ones((3, 3, 3), bool)
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str | None
+    data: bytes
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class SeriesLimits:
+    max_slices: int
+    max_pixels: int  # per slice
+    max_total_pixels: int  # all slices, counted before DICOM pixel data are decoded
+    max_total_bytes: int  # what the uploads may unpack to
+
+
+@dataclass(frozen=True)
+class SeriesSlice:
+    pixels: np.ndarray  # uint8 HxW or HxWx3
+    filename: str | None  # plain-image slices only: DICOM file names may carry patient names
+    sop_instance_uid: str | None = None
+    frame_number: int | None = None  # within a multi-frame DICOM file
+    source: int | None = None  # index into Series.sources
+
+
+@dataclass(frozen=True)
+class Series:
+    slices: list[SeriesSlice]  # in anatomical order
+    ordered_by: str  # "position", "instance_number", "filename" or "single slice"
+    sources: list[Dataset]  # the DICOM files' attributes (no pixel data), for DICOM SEG; empty for images
+    pixel_spacing_mm: tuple[float, float] | None = None  # between rows, between columns
+    slice_spacing_mm: float | None = None
+    slice_spacing_from: str | None = None  # "positions", "SpacingBetweenSlices" or "SliceThickness"
+
+    @property
+    def voxel_volume_ml(self) -> float | None:
+        if self.pixel_spacing_mm is None or self.slice_spacing_mm is None:
+            return None
+        return self.pixel_spacing_mm[0] * self.pixel_spacing_mm[1] * self.slice_spacing_mm / 1000.0
+
+
+def is_hidden(name: str) -> bool:
+    path = PurePosixPath(name)
+    return path.name.startswith(".") or path.name.upper() == "DICOMDIR" or "__MACOSX" in path.parts
+
+
+def expand_zip(upload: Upload, limits: SeriesLimits) -> list[Upload]:
+    """A zip's files (folders, hidden files and DICOMDIR skipped), refused before unpacking if too many or big."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(upload.data)) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir() and not is_hidden(m.filename)]
+            if len(members) > limits.max_slices:
+                raise ImageRejected(413, f"{upload.filename}: {len(members)} files, more than {limits.max_slices}")
+            unpacked = sum(m.file_size for m in members)
+            if unpacked > limits.max_total_bytes:
+                detail = f"{upload.filename}: unpacks to {unpacked} bytes, more than {limits.max_total_bytes}"
+                raise ImageRejected(413, detail)
+            # Reads stop at each member's declared size, so a lying header cannot unpack more than announced.
+            return [Upload(PurePosixPath(m.filename).name, archive.read(m)) for m in members]
+    except ImageRejected:
+        raise
+    except Exception as error:  # BadZipFile, encrypted members, unknown compression, corrupt streams
+        raise ImageRejected(400, f"{upload.filename}: not a readable zip archive ({error})") from error
+
+
+def expand_uploads(uploads: list[Upload], limits: SeriesLimits) -> list[Upload]:
+    files: list[Upload] = []
+    for upload in uploads:
+        files += expand_zip(upload, limits) if upload.data[:4] == ZIP_MAGIC else [upload]
+    if not files:
+        raise ImageRejected(400, "no slices: send DICOM files, a zip of them, or numbered PNG/TIFF slices")
+    if len(files) > limits.max_slices:
+        raise ImageRejected(413, f"{len(files)} files in one series, more than the limit of {limits.max_slices}")
+    return files
+
+
+def read_series(uploads: list[Upload], limits: SeriesLimits) -> Series:
+    """Uploads -> one ordered stack of 8-bit slices; raises ImageRejected naming the file at fault."""
+    files = expand_uploads(uploads, limits)
+    dicom = [is_dicom(f.data, f.content_type) for f in files]
+    if any(dicom) and not all(dicom):
+        raise ImageRejected(400, "a series is either all DICOM or all plain images; this request mixes both")
+    series = read_dicom_series(files, limits) if all(dicom) else read_image_series(files, limits)
+    shapes = {s.pixels.shape for s in series.slices}
+    if len(shapes) > 1:
+        raise ImageRejected(400, f"the slices differ in size ({sorted(shapes)}); a series is one stack")
+    return series
+
+
+def read_image_series(files: list[Upload], limits: SeriesLimits) -> Series:
+    numbered: dict[int, SeriesSlice] = {}
+    total_pixels = 0
+    for upload in files:
+        match = SLICE_NUMBER.search(PurePosixPath(upload.filename or "").stem)
+        if match is None and len(files) > 1:
+            raise ImageRejected(400, f"{upload.filename!r}: no slice number at the end of the file name")
+        number = int(match.group(1)) if match else 0
+        if number in numbered:
+            raise ImageRejected(400, f"{upload.filename!r} and {numbered[number].filename!r} are both slice {number}")
+        try:
+            pixels = decode_image(upload.data, limits.max_pixels, upload.content_type)
+        except ImageRejected as error:
+            raise ImageRejected(error.status_code, f"{upload.filename}: {error.detail}") from error
+        total_pixels += pixels.size
+        if total_pixels > limits.max_total_pixels:
+            raise ImageRejected(413, f"the slices hold more than {limits.max_total_pixels} pixel values in all")
+        numbered[number] = SeriesSlice(pixels, upload.filename)
+    ordered = [numbered[n] for n in sorted(numbered)]
+    return Series(ordered, "filename" if len(ordered) > 1 else "single slice", sources=[])
+
+
+def read_dicom_series(files: list[Upload], limits: SeriesLimits) -> Series:
+    """Decode every DICOM file, check they form one series, and order their frames along the slice normal."""
+    sources: list[Dataset] = []
+    frames: list[tuple[int, DicomFrame]] = []  # (source index, frame)
+    total_pixels = 0
+    for upload in files:
+        try:
+            dataset = parse_dicom(upload.data)
+            count = count_frames(dataset, limits.max_pixels)
+            total_pixels += count * int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("SamplesPerPixel", 1))
+            if len(frames) + count > limits.max_slices or total_pixels > limits.max_total_pixels:
+                raise ImageRejected(
+                    413, f"the series holds more than {limits.max_slices} frames or {limits.max_total_pixels} pixels"
+                )
+            image = decode_frames(dataset, count)
+        except ImageRejected as error:
+            raise ImageRejected(error.status_code, f"{upload.filename}: {error.detail}") from error
+        frames += [(len(sources), frame) for frame in image.frames]
+        sources.append(image.dataset)
+    check_one_series(sources)
+    order, ordered_by, spacing_from_positions = order_frames(sources, frames)
+    first = frames[order[0]][1]
+    pixel_spacings = {f.pixel_spacing for _, f in frames}
+    slice_spacing, spacing_from = spacing_from_positions, "positions"
+    if slice_spacing is None:
+        slice_spacing, spacing_from = first.spacing_between_slices, "SpacingBetweenSlices"
+    if slice_spacing is None or slice_spacing <= 0:
+        slice_spacing, spacing_from = first.slice_thickness, "SliceThickness"
+    if slice_spacing is None or slice_spacing <= 0:
+        slice_spacing, spacing_from = None, None
+    slices = [
+        SeriesSlice(
+            frame.pixels,
+            filename=None,
+            sop_instance_uid=str(sources[source].get("SOPInstanceUID", "")) or None,
+            frame_number=frame.frame_number,
+            source=source,
+        )
+        for source, frame in (frames[i] for i in order)
+    ]
+    return Series(
+        slices,
+        ordered_by,
+        sources,
+        # Differing pixel spacings would make one voxel volume wrong: then no volume in mL at all.
+        pixel_spacing_mm=first.pixel_spacing if len(pixel_spacings) == 1 else None,
+        slice_spacing_mm=slice_spacing,
+        slice_spacing_from=spacing_from,
+    )
+
+
+def check_one_series(sources: list[Dataset]) -> None:
+    series_uids = {str(s.get("SeriesInstanceUID", "")) for s in sources}
+    if len(series_uids) > 1:
+        raise ImageRejected(400, f"the files belong to {len(series_uids)} different series; post one series")
+    sop_uids = [str(s.get("SOPInstanceUID", "")) for s in sources]
+    repeated = {uid for uid in sop_uids if uid and sop_uids.count(uid) > 1}
+    if repeated:
+        raise ImageRejected(400, f"the same DICOM instance was sent more than once: {sorted(repeated)}")
+
+
+def order_frames(sources: list[Dataset], frames: list[tuple[int, DicomFrame]]) -> tuple[list[int], str, float | None]:
+    """Indices of (source, frame) pairs in anatomical order, what ordered them, and the spacing positions give."""
+    if len(frames) == 1:
+        return [0], "single slice", None
+    orientations = [f.orientation for _, f in frames]
+    positions = [f.position for _, f in frames]
+    if all(o is not None for o in orientations) and all(p is not None for p in positions):
+        orientation = np.array(orientations, np.float64)
+        if np.abs(orientation - orientation[0]).max() > SAME_ORIENTATION:
+            raise ImageRejected(400, "the slices have different orientations: they are not one stack")
+        normal = np.cross(orientation[0, :3], orientation[0, 3:])
+        along_normal = np.array(positions, np.float64) @ normal
+        order = np.argsort(along_normal, kind="stable")
+        gaps = np.diff(along_normal[order])
+        if gaps.min() < SAME_POSITION_MM:
+            raise ImageRejected(
+                400,
+                f"two slices lie at the same position ({along_normal[order][gaps.argmin()]:.3f} mm along the "
+                "slice normal): the files hold more than one stack (echoes, repeats); post one",
+            )
+        return order.tolist(), "position", float(np.median(gaps))
+    instance_numbers = [first_number(s.get("InstanceNumber")) for s in sources]
+    if len(sources) > 1 and None in instance_numbers:
+        raise ImageRejected(
+            400, "cannot order the slices: some DICOM files have neither ImagePositionPatient nor InstanceNumber"
+        )
+    # A multi-frame file's frames keep their stored order.
+    keys = [(instance_numbers[source] or 0, frame.frame_number or 0) for source, frame in frames]
+    if len(set(keys)) < len(keys):
+        raise ImageRejected(400, "two DICOM files share an InstanceNumber and have no ImagePositionPatient")
+    return sorted(range(len(frames)), key=keys.__getitem__), "instance_number", None
+
+
+def keep_largest_component(masks: np.ndarray) -> np.ndarray:
+    """Only the largest 26-connected tumor region across slices (Buda et al.'s 3-D postprocessing)."""
+    labels, count = ndimage.label(masks, structure=FULL_CONNECTIVITY)
+    if count <= 1:
+        return masks
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == int(np.argmax(sizes)) + 1
