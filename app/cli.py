@@ -1,9 +1,10 @@
 """Command line for the tumor service: `python -m app.cli predict FOLDER --out OUT` (or `lgg-tumor predict ...`).
 
-`predict` sends every slice under FOLDER (recursively: TIFF, PNG, JPEG, WebP; `*_mask.*` files are skipped) to
-POST /v1/predict/batch in chunks, writes each mask as OUT/<same relative folder>/<name>_mask.png (1-bit, the
-slice's size, all background when no tumor was found: the kaggle_3m layout) and a CSV summary with one row per
-slice. A slice that fails gets its error in the CSV and the others go on.
+`predict` sends every slice under FOLDER (recursively: TIFF, PNG, JPEG, WebP, single-frame DICOM `.dcm`;
+`*_mask.*` files are skipped) to POST /v1/predict/batch in chunks, writes each mask as
+OUT/<same relative folder>/<name>_mask.png (1-bit, the slice's size, all background when no tumor was found: the
+kaggle_3m layout) and a CSV summary with one row per slice. A slice that fails gets its error in the CSV and the
+others go on.
 """
 
 import argparse
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from app.api.schemas import BatchItem, MaskFormat
 from app.client import ClientError, ServiceError, ServiceUnreachable, TumorClient, mask_array
 
-SLICE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".webp")
+SLICE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".webp", ".dcm")
 MASK_STEM_SUFFIX = "_mask"
 CSV_COLUMNS = ("file", "tumor_detected", "tumor_probability", "area_pixels", "bbox", "error")
 EXIT_OK, EXIT_ALL_FAILED, EXIT_UNREACHABLE = 0, 1, 3

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import httpx
 import numpy as np
@@ -26,6 +26,8 @@ from app.api.schemas import BatchPrediction, MaskFormat, ModelsInfo, PngMask, Pr
 
 # A slice to send: a path to an image file, or its bytes (then the name is "slice").
 ImageSource = str | os.PathLike[str] | bytes
+# Several slices: paths, bytes, or (file name, bytes) pairs.
+ImageSources = Sequence[ImageSource | tuple[str, bytes]]
 API_KEY_HEADER = "X-API-Key"
 READY_POLL_S = 0.25
 
@@ -66,6 +68,11 @@ def file_part(image: ImageSource, filename: str | None = None) -> tuple[str, byt
     return name, data, mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
+def file_parts(images: ImageSources, field: str) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """The multipart field repeated once per image."""
+    return [(field, file_part(i[1], i[0]) if isinstance(i, tuple) else file_part(i)) for i in images]
+
+
 def rle_to_mask(rle: RleMask) -> np.ndarray:
     """COCO uncompressed RLE (column-major runs, background first) -> bool array of shape `size`."""
     height, width = rle.size
@@ -81,13 +88,20 @@ def png_to_mask(png: PngMask) -> np.ndarray:
         return np.asarray(image.convert("L")) > 0
 
 
+def decode_mask(mask: RleMask | PngMask | dict[str, Any] | None) -> np.ndarray | None:
+    """A mask as the service sends it (a model, or the JSON dict of /v1/series) -> bool HxW array, or None."""
+    if isinstance(mask, dict):
+        mask = (RleMask if mask.get("format") == "rle" else PngMask).model_validate(mask)
+    if isinstance(mask, RleMask):
+        return rle_to_mask(mask)
+    if isinstance(mask, PngMask):
+        return png_to_mask(mask)
+    return None
+
+
 def mask_array(prediction: Prediction) -> np.ndarray | None:
     """The prediction's mask as a bool HxW array; None when it carries none (no tumor, or mask_format=none)."""
-    if isinstance(prediction.mask, RleMask):
-        return rle_to_mask(prediction.mask)
-    if isinstance(prediction.mask, PngMask):
-        return png_to_mask(prediction.mask)
-    return None
+    return decode_mask(prediction.mask)
 
 
 class TumorClient:
@@ -172,21 +186,34 @@ class TumorClient:
         )
         return Prediction.model_validate(response.json())
 
-    def predict_batch(
-        self,
-        images: Sequence[ImageSource | tuple[str, bytes]],
-        *,
-        mask_format: MaskFormat | str = MaskFormat.rle,
-    ) -> BatchPrediction:
+    def predict_batch(self, images: ImageSources, *, mask_format: MaskFormat | str = MaskFormat.rle) -> BatchPrediction:
         """POST /v1/predict/batch: one result per image, in order; a bad image fails alone (its own status)."""
-        parts = [file_part(image[1], image[0]) if isinstance(image, tuple) else file_part(image) for image in images]
-        response = self.request(
-            "POST",
-            "/v1/predict/batch",
-            params={"mask_format": MaskFormat(mask_format).value},
-            files=[("files", part) for part in parts],
-        )
+        params = {"mask_format": MaskFormat(mask_format).value}
+        response = self.request("POST", "/v1/predict/batch", params=params, files=file_parts(images, "files"))
         return BatchPrediction.model_validate(response.json())
+
+    def predict_series(
+        self,
+        files: ImageSources,
+        *,
+        largest_component: bool = False,
+        mask_format: MaskFormat | str = MaskFormat.rle,
+        include_images: bool = False,
+    ) -> dict[str, Any]:
+        """POST /v1/series: the slices of one series (DICOM files, a zip of them, a multi-frame DICOM, or numbered
+        PNG/TIFF slices) in anatomical order with the tumor volume; the fields are in the service's /docs.
+        Decode each slice's mask with decode_mask()."""
+        params = {
+            "largest_component": largest_component,
+            "mask_format": MaskFormat(mask_format).value,
+            "include_images": include_images,
+        }
+        return self.request("POST", "/v1/series", params=params, files=file_parts(files, "files")).json()
+
+    def series_seg(self, files: ImageSources, *, largest_component: bool = False) -> bytes:
+        """POST /v1/series?output=seg: a DICOM SEG of the series' tumor (DICOM input only)."""
+        params = {"output": "seg", "largest_component": largest_component}
+        return self.request("POST", "/v1/series", params=params, files=file_parts(files, "files")).content
 
     def mask_png(self, image: ImageSource, *, filename: str | None = None) -> bytes:
         """POST /v1/predict/mask.png: the mask as a 1-bit PNG the size of the slice."""

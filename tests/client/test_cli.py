@@ -18,7 +18,9 @@ from app.client import TumorClient
 from app.core.codecs import bounding_box
 from tests.client.conftest import API_KEY, SENT
 from tests.client.test_client import closed_port_url, png_array
+from tests.dicom.builders import mr_series, to_bytes
 from tests.live_server import LiveServer
+from tests.service.conftest import synthetic_slice
 
 CLI_TIMEOUT_S = 300
 
@@ -159,3 +161,16 @@ def test_service_lost_mid_run_records_the_rest_as_failed(tmp_path: Path) -> None
     assert len(calls) == 2 and "connection refused" in stopped
     assert [row.file for row in rows] == [p.name for p in slices]
     assert [bool(row.error) for row in rows] == [False, False, True, True, True]
+
+
+def test_predict_sends_single_frame_dicom_slices(tumor_server: LiveServer, tmp_path: Path) -> None:
+    flair = synthetic_slice(72, 56, seed=7)[..., 1]
+    [instance] = mr_series(flair[None])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "IM_0001.dcm").write_bytes(to_bytes(instance))
+    args = ["predict", str(tmp_path / "in"), "--url", tumor_server.url, "--out", str(tmp_path / "out")]
+    assert main([*args, "--api-key", API_KEY, "--quiet"]) == EXIT_OK
+    [row] = read_summary(tmp_path / "out" / "summary.csv")
+    assert row["file"] == "IM_0001.dcm" and row["error"] == ""
+    mask = read_mask(tmp_path / "out" / "IM_0001_mask.png")
+    assert mask.shape == (72, 56) and int(row["area_pixels"]) == mask.sum() > 0

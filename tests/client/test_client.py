@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,12 +17,14 @@ from app.client import (
     ServiceError,
     ServiceUnreachable,
     TumorClient,
+    decode_mask,
     mask_array,
     png_to_mask,
     rle_to_mask,
 )
 from app.core.codecs import bounding_box, mask_to_png_base64, mask_to_rle
 from tests.client.conftest import API_KEY
+from tests.dicom.builders import mr_series, to_bytes
 from tests.live_server import LiveServer
 from tests.service.conftest import encode, synthetic_slice
 
@@ -42,13 +45,13 @@ def closed_port_url() -> str:
 
 
 @pytest.fixture
-def tumor_client(tumor_server: LiveServer) -> TumorClient:
+def tumor_client(tumor_server: LiveServer) -> Iterator[TumorClient]:
     with TumorClient(tumor_server.url, api_key=API_KEY) as client:
         yield client
 
 
 @pytest.fixture
-def plain_client(plain_server: LiveServer) -> TumorClient:
+def plain_client(plain_server: LiveServer) -> Iterator[TumorClient]:
     with TumorClient(plain_server.url) as client:
         yield client
 
@@ -168,3 +171,25 @@ def test_unreachable_service_raises_promptly() -> None:
         with pytest.raises(ServiceUnreachable):
             client.wait_until_ready(timeout_s=0.5)
         assert time.monotonic() - started < 5
+
+
+def flair_volume(slices: int, height: int, width: int) -> np.ndarray:
+    return np.stack([synthetic_slice(height, width, seed=n)[..., 1] for n in range(slices)])
+
+
+def test_series_orders_the_slices_and_their_masks_decode(tumor_client: TumorClient) -> None:
+    instances = [to_bytes(ds) for ds in mr_series(flair_volume(3, 64, 48))]
+    shuffled = [(f"{n}.dcm", instances[n]) for n in (2, 0, 1)]
+    series = tumor_client.predict_series(shuffled, mask_format="png")
+    assert series["slice_count"] == 3 and series["ordered_by"] == "position"
+    assert [s["frame_number"] for s in series["slices"]] == [None] * 3
+    masks = [decode_mask(s["mask"]) for s in series["slices"]]
+    assert all(m is not None and m.shape == (64, 48) for m in masks)
+    assert [int(m.sum()) for m in masks] == [s["area_pixels"] for s in series["slices"]]
+    assert series["tumor_volume_voxels"] == sum(s["area_pixels"] for s in series["slices"]) > 0
+    assert series["tumor_volume_ml"] is not None
+
+
+def test_series_seg_is_a_dicom_file(tumor_client: TumorClient) -> None:
+    instances = [(f"{n}.dcm", to_bytes(ds)) for n, ds in enumerate(mr_series(flair_volume(2, 32, 32)))]
+    assert tumor_client.series_seg(instances)[128:132] == b"DICM"
