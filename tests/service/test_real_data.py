@@ -10,14 +10,16 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from app.core.models import read_model_card
-from app.core.preprocessing import mask_to_input_size, preprocess_slice
+from app.core.preprocessing import preprocess_slice
 
 pytestmark = pytest.mark.real_data
 
 
 def training_reference(model_dir: Path, image_path: Path) -> tuple[float, np.ndarray]:
-    """The training side's reading of the slice, its preprocessing, the ONNX models and the card thresholds."""
+    """What `python -m training evaluate` computes for the slice: its reader, the shared preprocessing,
+    the exported ONNX models and `pipeline_masks` with the card's thresholds."""
     dataset = pytest.importorskip("training.dataset", reason="training code needs torch")
+    evaluate = pytest.importorskip("training.evaluate", reason="training code needs torch")
     image = dataset.read_image(image_path)
     card = read_model_card(model_dir)
     batch = preprocess_slice(image, card.input_size)[None]
@@ -25,9 +27,14 @@ def training_reference(model_dir: Path, image_path: Path) -> tuple[float, np.nda
     for spec in (card.classifier, card.segmenter):
         session = ort.InferenceSession(str(spec.path), providers=["CPUExecutionProvider"])
         outputs[spec.kind] = session.run([spec.output_name], {spec.input_name: batch})[0]
-    height, width = image.shape[:2]
-    mask = mask_to_input_size(outputs["segmenter"][0, 0], height, width, card.segmenter.threshold)
-    return float(outputs["classifier"][0, 0]), mask
+    masks = evaluate.pipeline_masks(
+        outputs["classifier"][:, 0],
+        outputs["segmenter"],
+        image.shape[:2],
+        card.classifier.threshold,
+        card.segmenter.threshold,
+    )
+    return float(outputs["classifier"][0, 0]), masks[0]
 
 
 def tumor_slices(folder: Path, count: int) -> list[Path]:
@@ -70,4 +77,5 @@ def test_service_equals_training_on_real_slices(
                 np.testing.assert_array_equal(served, mask)
             else:
                 assert body["mask"] is None
+                assert not mask.any(), "training's pipeline gives a mask where the service gives none"
         assert tumor_client.post("/v1/predict", files={"file": (path.name, path.read_bytes())}).json()["mask"]
