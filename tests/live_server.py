@@ -37,6 +37,14 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")
 
 
+def unused_port_url() -> str:
+    """A loopback URL nobody listens on (the port was free a moment ago): for connection-refused cases."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
 def settings_env(settings: dict[str, object]) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("LGG_")}
     defaults = {"model_dir": REPO_ROOT / "models", "providers": "CPUExecutionProvider"}

@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import yaml
 from fastapi import FastAPI
 
 from tests.conftest import REPO_ROOT
+from tests.live_server import LiveServer, live_server, unused_port_url
 
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.gpu.yml")
 HEALTHCHECK_URL = re.compile(r"http://127\.0\.0\.1:(\d+)(/[\w./-]*)")
@@ -150,12 +152,10 @@ def test_image_installs_the_serving_dependencies_without_torch() -> None:
 
 
 def test_healthchecks_probe_routes_of_the_app(app: FastAPI) -> None:
-    [dockerfile_check] = arguments_of("HEALTHCHECK")
-    _, service = served_service(compose())
-    compose_check = " ".join(service["healthcheck"]["test"])
+    """The image checks liveness; compose checks readiness, which is what services started after it wait for."""
     routes = get_routes(app)
-    for check, expected_path in ((dockerfile_check, "/healthz"), (compose_check, "/readyz")):
-        port, path = HEALTHCHECK_URL.search(check).groups()
+    for command, expected_path in zip(healthcheck_commands(), ("/healthz", "/readyz"), strict=True):
+        port, path = HEALTHCHECK_URL.search(command[2]).groups()
         assert path == expected_path and path in routes
         assert port == "8000"
 
@@ -192,3 +192,27 @@ def test_prometheus_scrapes_the_service_metrics(app: FastAPI) -> None:
     container_port = service["ports"][0].split(":")[-1]
     assert job["static_configs"][0]["targets"] == [f"{name}:{container_port}"]
     assert job["metrics_path"] in get_routes(app)
+
+
+def healthcheck_commands() -> list[list[str]]:
+    """The Dockerfile's and the compose file's healthcheck commands, as argument lists."""
+    [dockerfile_check] = arguments_of("HEALTHCHECK")
+    _, service = served_service(compose())
+    compose_check = service["healthcheck"]["test"]
+    assert compose_check[0] == "CMD"
+    return [json.loads(dockerfile_check.split(" CMD ", 1)[1]), compose_check[1:]]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with live_server(tmp_path_factory.mktemp("containers"), warmup_runs=0) as server:
+        yield server
+
+
+def test_healthcheck_commands_pass_on_a_ready_service_and_fail_without_one(server: LiveServer) -> None:
+    for command in healthcheck_commands():
+        assert command[:2] == ["python", "-c"]
+        for url, expected_success in ((server.url, True), (unused_port_url(), False)):
+            code = command[2].replace("http://127.0.0.1:8000", url)
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+            assert (done.returncode == 0) == expected_success, done.stderr

@@ -17,9 +17,9 @@ from app.cli import EXIT_ALL_FAILED, EXIT_OK, EXIT_UNREACHABLE, main, predict_sl
 from app.client import TumorClient
 from app.core.codecs import bounding_box
 from tests.client.conftest import API_KEY, SENT
-from tests.client.test_client import closed_port_url, png_array
+from tests.client.test_client import png_array
 from tests.dicom.builders import mr_series, to_bytes
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, unused_port_url
 from tests.service.conftest import synthetic_slice
 
 CLI_TIMEOUT_S = 300
@@ -89,7 +89,7 @@ def test_predict_masks_equal_the_single_slice_route(tumor_server: LiveServer, sl
 
 
 def test_unreachable_service_exits_3_without_a_summary(slices_dir: Path, tmp_path: Path, capsys) -> None:
-    args = ["predict", str(slices_dir), "--url", closed_port_url(), "--out", str(tmp_path / "out"), "--wait", "0"]
+    args = ["predict", str(slices_dir), "--url", unused_port_url(), "--out", str(tmp_path / "out"), "--wait", "0"]
     assert main([*args, "--quiet"]) == EXIT_UNREACHABLE
     assert "not usable" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

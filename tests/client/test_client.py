@@ -1,7 +1,6 @@
 """The Python client against real uvicorn processes, and its mask decoders."""
 
 import io
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from app.client import (
 from app.core.codecs import bounding_box, mask_to_png_base64, mask_to_rle
 from tests.client.conftest import API_KEY
 from tests.dicom.builders import mr_series, to_bytes
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, unused_port_url
 from tests.service.conftest import encode, synthetic_slice
 
 SLICE = encode(synthetic_slice(240, 200, seed=5))
@@ -35,13 +34,6 @@ CORRUPT = b"\x89PNG\r\n\x1a\n broken"
 def png_array(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("L"))
-
-
-def closed_port_url() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
@@ -164,7 +156,7 @@ def test_api_key_is_sent_and_required(tumor_server: LiveServer) -> None:
 
 
 def test_unreachable_service_raises_promptly() -> None:
-    with TumorClient(closed_port_url(), timeout_s=5) as client:
+    with TumorClient(unused_port_url(), timeout_s=5) as client:
         with pytest.raises(ServiceUnreachable, match=r"GET http://127\.0\.0\.1:\d+/healthz"):
             client.health()
         started = time.monotonic()
