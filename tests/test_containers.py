@@ -127,6 +127,14 @@ def test_cmd_starts_the_fastapi_app_on_all_interfaces(app: FastAPI) -> None:
     assert arguments_of("EXPOSE") == [command[command.index("--port") + 1]]
 
 
+def test_the_app_imports_without_what_the_image_leaves_out() -> None:
+    """training/ and tests/ stay out of the build context, torch out of the install: app/ must not need them."""
+    blocked = "import sys; sys.modules.update(dict.fromkeys(('training', 'tests', 'torch', 'torchvision')))"
+    code = f"{blocked}; import app.main, app.cli, app.client"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
 def test_image_runs_as_a_non_root_user() -> None:
     [user] = arguments_of("USER")
     assert user.split(":")[0] not in ("0", "root")
