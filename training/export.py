@@ -6,7 +6,6 @@ Each ONNX graph ends in a sigmoid, so the service reads probabilities directly:
 """
 
 import argparse
-import hashlib
 import json
 import logging
 import platform
@@ -18,6 +17,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from app.core.models import sha256_of
 from app.core.preprocessing import CHANNEL_ORDER, NORMALIZATION
 from training.dataset import load_cache, read_split
 from training.models import count_gflops, count_parameters
@@ -46,14 +46,6 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     model = build_model(config["model"], config["width"], tuple(config["blocks"]))
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_onnx(model: nn.Module, kind: str, size: int, path: Path) -> None:
