@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from app.core.preprocessing import preprocess_slice
+from app.core.codecs import decode_image
+from app.core.preprocessing import preprocess_slice, to_three_channels
 from tests.training.conftest import SYNTHETIC, SyntheticData
 from training.dataset import (
     DatasetError,
@@ -52,6 +53,20 @@ def test_grayscale_image_is_taken_as_flair_and_replicated(tmp_path: Path) -> Non
     flair = np.arange(64, dtype=np.uint8).reshape(8, 8)
     Image.fromarray(flair).save(tmp_path / "flair.png")
     np.testing.assert_array_equal(read_image(tmp_path / "flair.png"), np.repeat(flair[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize(
+    ("name", "pixels"),
+    [
+        ("rgb.tif", np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)),
+        ("gray.png", np.arange(64, dtype=np.uint8).reshape(8, 8)),
+        ("wide.png", (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)),  # 16-bit: windowed, not clipped
+    ],
+)
+def test_training_decodes_a_file_as_the_service_does(tmp_path: Path, name: str, pixels: np.ndarray) -> None:
+    Image.fromarray(pixels).save(tmp_path / name)
+    served = to_three_channels(decode_image((tmp_path / name).read_bytes(), max_pixels=10**6))
+    np.testing.assert_array_equal(read_image(tmp_path / name), served)
 
 
 def test_cache_holds_the_shared_preprocessing_and_source_masks(

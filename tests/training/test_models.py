@@ -162,7 +162,7 @@ def test_classifier_outputs_one_logit_per_slice() -> None:
     assert [m.shape[-1] for m in maps] == [32, 16, 8, 4, 2]  # stem 1/2, then 1/4 .. 1/32
 
 
-@pytest.mark.parametrize("size", [64, 96, 128])
+@pytest.mark.parametrize("size", [64, 96])
 def test_segmenter_outputs_one_logit_per_pixel(size: int) -> None:
     model = ResUNet(width=8).eval()
     assert model(torch.randn(2, 3, size, size)).shape == (2, 1, size, size)

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,16 +49,45 @@ def test_train_writes_checkpoints_log_history_and_split(trained_runs: TrainedRun
         assert sum(p.numel() for p in model_from_best.parameters()) > 0
 
 
+@dataclass(frozen=True)
+class Resumed:
+    runs: Path
+    log: str
+    first_history: list[dict]
+    first_checkpoint: dict
+
+
+@pytest.fixture(scope="module")
+def resumed(trained_runs: TrainedRuns, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Resumed]:
+    """A copy of each one-epoch run, resumed with `--resume --epochs 2`."""
+    result = {}
+    for model in MODELS:
+        runs = copy_run(trained_runs, tmp_path_factory.mktemp("resumed") / "runs")
+        first_history = history(runs / model)
+        first_checkpoint = torch.load(runs / model / "last.pt", map_location="cpu", weights_only=False)
+        log = run_training(*train_args(trained_runs, model, runs, "--epochs", "2", "--resume"))
+        result[model] = Resumed(runs / model, log, first_history, first_checkpoint)
+    return result
+
+
 @pytest.mark.parametrize("model", MODELS)
-def test_resume_continues_from_the_last_checkpoint(trained_runs: TrainedRuns, tmp_path: Path, model: str) -> None:
-    runs = copy_run(trained_runs, tmp_path / "runs")
-    first = history(runs / model)
-    log = run_training(*train_args(trained_runs, model, runs, "--epochs", "2", "--resume"))
-    assert "resumed from" in log and "at epoch 1" in log
-    resumed = history(runs / model)
-    assert [h["epoch"] for h in resumed] == [1, 2]  # epoch 2 was trained, epoch 1 not again
-    assert resumed[0] == first[0]
-    assert torch.load(runs / model / "last.pt", map_location="cpu", weights_only=False)["state"]["epoch"] == 2
+def test_resume_continues_from_the_last_checkpoint(resumed: dict[str, Resumed], model: str) -> None:
+    run = resumed[model]
+    assert "resumed from" in run.log and "at epoch 1" in run.log
+    history_after = history(run.runs)
+    assert [h["epoch"] for h in history_after] == [1, 2]  # epoch 2 was trained, epoch 1 not again
+    assert history_after[0] == run.first_history[0]
+    assert torch.load(run.runs / "last.pt", map_location="cpu", weights_only=False)["state"]["epoch"] == 2
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_resumed_epochs_still_learn(resumed: dict[str, Resumed], model: str) -> None:
+    """Extending a run (`--resume --epochs 2` after `--epochs 1`) must train epoch 2 with a learning rate > 0,
+    so the weights move. The restored cosine schedule keeps the old T_max (1), whose lr after epoch 1 is 0."""
+    after = torch.load(resumed[model].runs / "last.pt", map_location="cpu", weights_only=False)["model"]
+    before = resumed[model].first_checkpoint["model"]
+    name = "conv1.weight" if model == "classifier" else "head.weight"
+    assert not torch.equal(after[name], before[name])
 
 
 def test_pretrained_loads_a_torchvision_checkpoint(trained_runs: TrainedRuns, tmp_path: Path) -> None:
