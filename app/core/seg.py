@@ -8,10 +8,8 @@ PACS files it beside the images); it goes back only to the caller who sent them 
 
 import io
 
-import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 
 from app.core.codecs import ImageRejected
 from app.core.models import ModelCard
@@ -38,6 +36,10 @@ def fill_slice_thickness(source: Dataset, thickness_mm: float) -> None:
 
 def build_segmentation(series: Series, masks: np.ndarray, card: ModelCard) -> bytes:
     """masks: bool (slices, H, W) in the series' slice order -> the DICOM SEG file's bytes."""
+    # Imported here: highdicom takes seconds to import and only SEG requests need it.
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
     if not series.sources:
         raise ImageRejected(400, "output=seg needs DICOM input: a DICOM SEG must reference DICOM source images")
     frame_counts = [int(s.get("NumberOfFrames", 1) or 1) for s in series.sources]

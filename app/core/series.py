@@ -18,7 +18,6 @@ from pathlib import PurePosixPath
 
 import numpy as np
 from pydicom.dataset import Dataset
-from scipy import ndimage
 
 from app.core.codecs import ImageRejected, decode_image
 from app.core.dicom import DicomFrame, count_frames, decode_frames, first_number, is_dicom, parse_dicom
@@ -237,6 +236,8 @@ def order_frames(sources: list[Dataset], frames: list[tuple[int, DicomFrame]]) -
 
 def keep_largest_component(masks: np.ndarray) -> np.ndarray:
     """Only the largest 26-connected tumor region across slices (Buda et al.'s 3-D postprocessing)."""
+    from scipy import ndimage  # imported here: seconds to import, and only this option needs it
+
     labels, count = ndimage.label(masks, structure=FULL_CONNECTIVITY)
     if count <= 1:
         return masks

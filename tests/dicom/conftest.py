@@ -1,6 +1,5 @@
 """Fixtures for the DICOM, series, SEG and viewer tests: phantom models, an in-process app, synthetic series."""
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,9 +11,9 @@ from pydicom.dataset import Dataset
 from app.core.config import Settings
 from app.main import create_app
 from tests.dicom.builders import mr_series, to_bytes, write_phantom_models
+from tests.service.conftest import start
 from training.synthetic import SyntheticPatient, make_patient
 
-READY_TIMEOUT_S = 60
 SLICES, SIZE = 12, 128
 SLICE_SPACING_MM, PIXEL_SPACING_MM = 3.3, (0.5, 0.7)
 
@@ -30,18 +29,9 @@ def dicom_settings(phantom_models_dir: Path) -> Settings:
     return Settings(model_dir=phantom_models_dir, providers="CPUExecutionProvider", warmup_runs=0, max_batch_size=8)
 
 
-def started_client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "service not ready in time"
-            time.sleep(0.02)
-        yield client
-
-
 @pytest.fixture(scope="session")
 def dicom_client(dicom_settings: Settings) -> Iterator[TestClient]:
-    yield from started_client(dicom_settings)
+    yield from start(create_app(dicom_settings))
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +40,7 @@ def make_dicom_client(dicom_settings: Settings) -> Iterator[Callable[..., TestCl
     running: list[Iterator[TestClient]] = []
 
     def make(**changes: object) -> TestClient:
-        runner = started_client(Settings(**(dicom_settings.model_dump() | changes)))
+        runner = start(create_app(Settings(**(dicom_settings.model_dump() | changes))))
         running.append(runner)
         return next(runner)
 

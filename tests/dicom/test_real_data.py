@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from pydicom.uid import RLELossless
 
 from tests.dicom.builders import AXIAL, mr_series, to_bytes
 from tests.dicom.conftest import multipart
 from tests.dicom.test_series import masks_of, post
-from training.dataset import read_image
 
 pytestmark = pytest.mark.real_data
 PATIENT = "TCGA_CS_4941_19960909"
@@ -39,7 +39,7 @@ def client(
 @pytest.fixture(scope="module")
 def real_slices(real_data_dir: Path) -> tuple[list[Path], np.ndarray]:
     paths = [real_data_dir / PATIENT / f"{PATIENT}_{n}.webp" for n in SLICE_NUMBERS]
-    return paths, np.stack([read_image(path) for path in paths])
+    return paths, np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])
 
 
 def test_rgb_dicom_predicts_exactly_what_the_webp_does(client: TestClient, real_slices) -> None:
