@@ -1,0 +1,61 @@
+"""The benchmarks' quick modes run end to end and report every row with throughput and without errors.
+
+Smoke tests of the benchmark machinery (real uvicorn processes, the separate load generator, the JSON);
+they assert nothing about speed. Without ../shared the benchmarks fall back to synthetic slices.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def run_quick(name: str, results_dir: Path, models_dir: Path) -> dict:
+    if not (models_dir / "model_card.json").is_file():
+        pytest.skip(f"no bundled models in {models_dir}")
+    command = [sys.executable, "-m", f"bench.{name}", "--quick", "--results-dir", str(results_dir)]
+    command += ["--models", str(models_dir)]
+    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, f"{' '.join(command)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    report = json.loads((results_dir / f"{name}-quick.json").read_text())
+    assert report["quick"] is True
+    return report
+
+
+def assert_served(row: dict) -> None:
+    assert row["errors"] == 0, row["error_examples"]
+    assert row["slices_per_s"] > 0
+    assert row["requests"] >= row["concurrency"]  # every client finished at least one request
+    assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+
+
+def test_serving_quick_reports_every_system_and_concurrency(tmp_path: Path, bundled_models_dir: Path) -> None:
+    report = run_quick("serving", tmp_path, bundled_models_dir)
+    systems = ["a_onnxruntime_in_process", "b_naive_fastapi_pytorch", "c_service_batching_off", "c_service_batching_on"]
+    rows = report["rows"]
+    assert [(r["system"], r["concurrency"]) for r in rows] == [(s, c) for s in systems for c in (1, 4, 16)]
+    for row in rows:
+        assert_served(row)
+        assert row["x_ceiling"] > 0
+    deployed, both, course = (r["gflops_per_slice"] for r in report["compute_per_slice"])
+    assert 0 < deployed <= both < course
+    assert {t["target"] for t in report["targets"]} and all(isinstance(t["met"], bool) for t in report["targets"])
+
+
+def test_growth_quick_reports_every_batch_size_and_concurrency(tmp_path: Path, bundled_models_dir: Path) -> None:
+    report = run_quick("growth", tmp_path, bundled_models_dir)
+    assert [r["slices_per_request"] for r in report["batch_rows"]] == [1, 4, 16, 64, 256]
+    assert [r["concurrency"] for r in report["concurrency_rows"]] == [1, 4, 16, 32, 64]
+    for row in report["batch_rows"]:
+        assert_served(row)
+        assert row["slices"] >= row["slices_per_request"]
+        assert row["peak_rss_mib"] > report["service"]["idle_rss_mib"] / 2
+    for row in report["concurrency_rows"]:
+        assert_served(row)
+    assert all(step["exponent"] is not None for step in report["growth_steps"])
