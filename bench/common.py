@@ -8,6 +8,7 @@ import os
 import platform
 import random
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -403,6 +404,8 @@ def bench_arguments(name: str, doc: str) -> argparse.ArgumentParser:
 
 
 def start_report(name: str, quick: bool) -> dict:
+    # SIGTERM (a timeout, Ctrl-C in a wrapper) unwinds like an exception, so the servers started here are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     machine = machine_info()
     report = {
         "benchmark": name,

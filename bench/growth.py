@@ -92,9 +92,8 @@ def main() -> None:
             with RssSampler(server.pid) as rss:
                 result = http_load(job)
             peak = round(rss.peak_kib / 1024, 1)
-            batch_rows.append(
-                {"slices_per_request": size, **result, "peak_rss_mib": peak, "rss_above_idle_mib": peak - idle_rss_mib}
-            )
+            memory = {"peak_rss_mib": peak, "rss_above_idle_mib": round(peak - idle_rss_mib, 1)}
+            batch_rows.append({"slices_per_request": size, **result, **memory})
             print(f"  batch of {size}: {result['slices_per_s']} slices/s, peak RSS {peak} MiB", flush=True)
         for concurrency in CONCURRENCY:
             job = LoadJob(

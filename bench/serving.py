@@ -16,6 +16,9 @@ per slice: the pipeline as deployed against both networks on every slice and aga
 
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from app.core.codecs import decode_image
 from app.core.config import Settings
 from app.core.models import ModelCard, load_models, read_model_card
@@ -39,11 +42,12 @@ from bench.loadgen import LoadJob, http_load
 COURSE_CLASSIFIER_GFLOPS = 10.7
 COURSE_SEGMENTER_GFLOPS = 3.7
 CEILING = "a_onnxruntime_in_process"
+SERVICE_APP = "app.main:app"
 SERVICES = [
     # (system, uvicorn app, environment, readiness path)
     ("b_naive_fastapi_pytorch", "bench.naive_service:app", {}, "/healthz"),
-    ("c_service_batching_off", "app.main:app", {"LGG_BATCHING": "false"}, "/readyz"),
-    ("c_service_batching_on", "app.main:app", {"LGG_BATCHING": "true"}, "/readyz"),
+    ("c_service_batching_off", SERVICE_APP, {"LGG_BATCHING": "false"}, "/readyz"),
+    ("c_service_batching_on", SERVICE_APP, {"LGG_BATCHING": "true"}, "/readyz"),
 ]
 COLUMNS = [
     ("system", "system"),
@@ -57,6 +61,7 @@ COLUMNS = [
     ("errors", "errors"),
     ("requests", "requests"),
     ("cpu_ms_per_slice", "CPU ms/slice"),
+    ("mean_onnx_batch", "mean batch"),
     ("peak_rss_mib", "peak RSS MiB"),
 ]
 
@@ -80,6 +85,16 @@ def measure_ceiling(slice_set: SliceSet, card: ModelCard, settings: Settings, sh
     return rows, pass_share
 
 
+def classifier_batches(url: str) -> tuple[float, float]:
+    """(slices, calls) of the classifier so far, from the service's lgg_inference_batch_size histogram."""
+    totals = {"lgg_inference_batch_size_sum": 0.0, "lgg_inference_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name in totals and sample.labels.get("model") == "classifier":
+                totals[sample.name] = sample.value
+    return totals["lgg_inference_batch_size_sum"], totals["lgg_inference_batch_size_count"]
+
+
 def measure_services(slice_set: SliceSet, models_dir: Path, shapes: list[LoadShape]) -> list[dict]:
     bodies = [multipart_body("file", [s]) for s in slice_set.slices]
     rows = []
@@ -87,7 +102,11 @@ def measure_services(slice_set: SliceSet, models_dir: Path, shapes: list[LoadSha
         env = {"LGG_MODEL_DIR": str(models_dir), "LGG_LOG_LEVEL": "WARNING", **env}
         with uvicorn_server(system, app, env, ready_path) as server:
             for shape in shapes:
+                before = classifier_batches(server.url) if app == SERVICE_APP else None
                 result = http_load(LoadJob(server.url + "/v1/predict", bodies, 1, shape, server.pid))
+                if before is not None:  # warm-up included
+                    slices, calls = (a - b for a, b in zip(classifier_batches(server.url), before, strict=True))
+                    result["mean_onnx_batch"] = round(slices / calls, 2) if calls else None
                 rows.append({"system": system, **result})
                 print(f"  {system} c={shape.concurrency}: {result['slices_per_s']} slices/s", flush=True)
             for row in rows[-len(shapes) :]:
@@ -195,6 +214,8 @@ def main() -> None:
         "(b) uses random-init weights with the card's architectures: the timing does not depend on weight values.",
         "HTTP load comes from a separate process on the same 2 cores: its CPU (client_cpu_s) is taken from "
         "the server, which (a) does not pay.",
+        "CPU ms/slice: CPU time of the process doing the work (the server; this process for (a)) per slice; "
+        "mean batch: slices per classifier call in the service (from its metrics, warm-up included).",
     ]
 
     rows, pass_share = measure_ceiling(slice_set, card, settings, shapes)

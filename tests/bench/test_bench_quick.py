@@ -5,6 +5,8 @@ they assert nothing about speed. Without ../shared the benchmarks fall back to s
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
+TIMEOUT_S = 300  # about 40 s each on an idle 2-core machine; far more when a training job holds the cores
 
 
 def run_quick(name: str, results_dir: Path, models_dir: Path) -> dict:
@@ -21,8 +24,17 @@ def run_quick(name: str, results_dir: Path, models_dir: Path) -> dict:
         pytest.skip(f"no bundled models in {models_dir}")
     command = [sys.executable, "-m", f"bench.{name}", "--quick", "--results-dir", str(results_dir)]
     command += ["--models", str(models_dir)]
-    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, f"{' '.join(command)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    # Its own process group: on a timeout the benchmark and the servers it started all go.
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command)} took more than {TIMEOUT_S} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert process.returncode == 0, f"{' '.join(command)} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
     report = json.loads((results_dir / f"{name}-quick.json").read_text())
     assert report["quick"] is True
     return report
