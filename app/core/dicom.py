@@ -21,8 +21,8 @@ Pixel data are decoded by pydicom with the plugins installed beside it (pydicom 
 deflated, RLE; Pillow: JPEG baseline/extended, JPEG 2000; pyjpegls: JPEG-LS; python-gdcm: JPEG lossless
 and the rest). A transfer syntax none of them decodes is refused with 415.
 
-Privacy: nothing here logs, and error messages name only technical attributes (transfer syntax, sizes),
-never a patient attribute.
+Privacy: nothing here logs, pydicom's value validation (whose warnings quote values) is off, and error
+messages name only technical attributes (transfer syntax, sizes), never a patient attribute.
 """
 
 import io
@@ -30,12 +30,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
+import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from app.core.codecs import ImageRejected
+
+# pydicom's value validation warns, and logs, with the offending value quoted: a malformed patient name or
+# birth date would end up in the service's logs. Values are never validated here; pixel data still are.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
 DICOM_CONTENT_TYPES = ("application/dicom", "application/dicom+octet-stream")
 PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")

@@ -20,6 +20,37 @@ SEG_SERIES_NUMBER = 9901  # after the scanner's series numbers in most studies' 
 SEGMENT_LABEL = "LGG FLAIR abnormality"
 RESEARCH_USE = "RESEARCH USE ONLY"
 LO_MAX = 64  # DICOM LO value length
+IDENTIFYING = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientAge",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientComments",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "InstitutionName",
+    "InstitutionAddress",
+    "StudyDescription",
+)
+MIN_REDACTED_LENGTH = 3  # shorter values (a sex, an empty name) would blank ordinary letters
+
+
+def redacted(message: str, sources: list[Dataset]) -> str:
+    """The message without the sources' identifying values (highdicom and pydicom quote malformed ones)."""
+    for source in sources:
+        for keyword in IDENTIFYING:
+            value = str(source.get(keyword) or "")
+            if len(value) >= MIN_REDACTED_LENGTH:
+                message = message.replace(value, "<redacted>")
+    return message
 
 
 def fill_slice_thickness(source: Dataset, thickness_mm: float) -> None:
@@ -85,9 +116,10 @@ def build_segmentation(series: Series, masks: np.ndarray, card: ModelCard) -> by
             content_label="TUMOR",
             omit_empty_frames=False,  # every source slice gets a frame: "no tumor here" is a result too
         )
-    # highdicom checks the sources (same series, frame of reference, geometry) and says what is missing.
+    # highdicom checks the sources (same series, frame of reference, geometry) and says what is wrong.
     except (ValueError, TypeError, AttributeError, KeyError) as error:
-        raise ImageRejected(400, f"cannot build a DICOM SEG for these images: {error}") from error
+        detail = redacted(str(error), source_images)
+        raise ImageRejected(400, f"cannot build a DICOM SEG for these images: {detail}") from error
     seg.SeriesDescription = f"{RESEARCH_USE}: {name} {version}"[:LO_MAX]
     buffer = io.BytesIO()
     seg.save_as(buffer, enforce_file_format=True)

@@ -2,12 +2,14 @@
 
 import io
 import logging
+import warnings
 
 import highdicom as hd
 import pytest
 from fastapi.testclient import TestClient
+from pydicom.dataset import Dataset
 
-from tests.dicom.builders import CANARY_BIRTH_DATE, CANARY_ID, CANARY_NAME
+from tests.dicom.builders import CANARY_BIRTH_DATE, CANARY_ID, CANARY_NAME, to_bytes
 from tests.dicom.conftest import multipart
 
 CANARIES = (CANARY_NAME, CANARY_NAME.split("^")[0], CANARY_ID, CANARY_BIRTH_DATE, "ACC-CANARY")
@@ -50,4 +52,27 @@ def test_the_seg_carries_the_patient_module_so_a_pacs_files_it_with_the_images(
     response = dicom_client.post("/v1/series", files=multipart(series_files), params={"output": "seg"})
     seg = hd.seg.segread(io.BytesIO(response.content))
     assert (str(seg.PatientName), seg.PatientID) == (CANARY_NAME, CANARY_ID)  # to the caller only
+    assert_no_canary(caplog.text, "the logs")
+
+
+def test_malformed_patient_values_are_not_quoted_in_warnings_or_logs(
+    dicom_client: TestClient, series_datasets: list[Dataset], caplog: pytest.LogCaptureFixture
+) -> None:
+    """pydicom's validation quotes bad values in warnings and logs; the service must not let it."""
+    caplog.set_level(logging.DEBUG)
+    files = []
+    for ds in series_datasets[:3]:
+        malformed = Dataset(ds)
+        malformed.file_meta = ds.file_meta
+        malformed.add_new(0x00100030, "DA", f"{CANARY_BIRTH_DATE}-not-a-date")  # PatientBirthDate
+        malformed.add_new(0x00100010, "PN", CANARY_NAME * 4)  # PatientName, longer than PN allows
+        files.append(to_bytes(malformed))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dicom_client.post("/v1/series", files=multipart(files)).status_code == 200
+        # A SEG copies the birth date as a DA and cannot: highdicom's message quotes the value, the service not.
+        response = dicom_client.post("/v1/series", files=multipart(files), params={"output": "seg"})
+    assert response.status_code == 400 and "<redacted>" in response.json()["detail"]
+    assert_no_canary(response.text, "the SEG error")
+    assert_no_canary("\n".join(str(w.message) for w in caught), "warnings")
     assert_no_canary(caplog.text, "the logs")
