@@ -41,8 +41,11 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return root
 
 
-def run_training(*args: str | Path, timeout: float = 300, launcher: tuple[str, ...] = ()) -> str:
-    """`python -m training ARGS` in a subprocess (or under `launcher`, e.g. torchrun); returns its log output."""
+def run_training(*args: str | Path, timeout: float = 1200, launcher: tuple[str, ...] = ()) -> str:
+    """`python -m training ARGS` in a subprocess (or under `launcher`, e.g. torchrun); returns its log output.
+
+    The timeout only catches hangs: niced behind a training job, a one-epoch run can take minutes.
+    """
     command = [*(launcher or (sys.executable, "-m")), "training", *map(str, args)]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stderr[-4000:]}"
