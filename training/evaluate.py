@@ -35,7 +35,7 @@ from training.train import predict, setup_logging
 log = logging.getLogger("training")
 
 Predictor = Callable[[np.ndarray], np.ndarray]  # model inputs (N,3,S,S) -> sigmoid outputs
-SEGMENTER_THRESHOLDS = np.round(np.arange(0.3, 0.71, 0.05), 2)
+SEGMENTER_THRESHOLDS = np.round(np.arange(0.1, 0.71, 0.05), 2)
 
 
 def pipeline_masks(
@@ -154,7 +154,7 @@ def draw_figures(report: dict, test: dict, cache: SliceCache, runs: Path, out_di
     mean = np.mean(list(volume.values()))
     ax.axvline(mean, color="k", linestyle="--", label=f"mean {mean:.3f}")
     ax.set(xlabel="volume Dice (pipeline)", xlim=(0, 1), title="Test patients")
-    ax.legend()
+    ax.legend(loc="lower left")
     paths.append(out_dir / "test_volume_dice.png")
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=100)

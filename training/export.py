@@ -48,6 +48,14 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     return model.eval(), checkpoint
 
 
+def run_totals(last_path: Path) -> dict[str, int]:
+    """Epochs and wall-clock seconds of the whole run (the best checkpoint only knows its own epoch)."""
+    if not last_path.exists():
+        return {}
+    state = torch.load(last_path, map_location="cpu", weights_only=False)["state"]
+    return {"epochs_run": state["epoch"], "seconds_run": round(state["train_seconds"])}
+
+
 def export_onnx(model: nn.Module, kind: str, size: int, path: Path) -> None:
     # Legacy exporter: one self-contained file, no onnxscript, a stable opset.
     torch.onnx.export(
@@ -114,10 +122,10 @@ def export_models(
             "opset": OPSET,
             "onnx_parity": parity,
             "training": {
-                "epochs": state["epoch"],
                 "best_epoch": state["best_epoch"],
                 "best_validation_metric": state["best"],
-                "seconds": round(state["train_seconds"]),
+                "seconds_to_best_epoch": round(state["train_seconds"]),
+                **run_totals(checkpoint_path.with_name("last.pt")),
                 "hyperparameters": {
                     k: config[k]
                     for k in (
