@@ -36,14 +36,14 @@ class ModelVersions(BaseModel):
 
 class Timings(BaseModel):
     decode_ms: float
+    preprocess_ms: float
     wait_ms: float = Field(description="Waiting for a batch to start (queue) and thread hand-offs.")
-    preprocess_ms: float = Field(description="This slice's batch: preprocessing of every slice in it.")
-    classifier_ms: float = Field(description="This slice's batch: one classifier call.")
-    segmenter_ms: float = Field(description="This slice's batch: one segmenter call over its flagged slices.")
+    classifier_ms: float = Field(description="The classifier call of this slice's batch.")
+    segmenter_ms: float = Field(description="The segmenter call of this slice's batch (0 when nothing was flagged).")
     postprocess_ms: float
     encode_ms: float
     total_ms: float
-    batch_size: int = Field(description="Slices in the ONNX Runtime batch this slice ran in.")
+    batch_size: int = Field(description="Slices in the batch this slice ran in.")
 
 
 class Prediction(BaseModel):

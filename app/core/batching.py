@@ -1,9 +1,10 @@
 """How slices reach the pipeline: gathered into batches (DynamicBatcher) or one request at a time (DirectRunner).
 
-DynamicBatcher works like Triton's dynamic batcher: slices from concurrent requests wait in one
-queue; a single inference thread takes up to max_batch_size of them per ONNX Runtime call, waiting
-at most max_wait_ms (counted from the oldest slice's arrival) for a batch to fill. Slices that arrive
-while a batch runs form the next one, so a busy service batches without any added wait.
+DynamicBatcher works like Triton's dynamic batcher: each request preprocesses its own slices in the
+thread pool, then they wait in one queue; a single inference thread takes up to max_batch_size of them
+per network call, waiting at most max_wait_ms (counted from the oldest slice's arrival) for a batch to
+fill. Slices that arrive while a batch runs form the next one, so a busy service batches without added
+wait. Masks are resized back in the thread pool, beside the next batch.
 """
 
 import asyncio
@@ -17,7 +18,7 @@ from typing import Protocol
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from app.core.pipeline import Pipeline, SlicePrediction
+from app.core.pipeline import ModelOutput, Pipeline, PreparedSlice, SlicePrediction
 
 
 class ShuttingDown(RuntimeError):
@@ -45,8 +46,8 @@ class DirectRunner:
 
 @dataclass
 class _Pending:
-    slice: np.ndarray
-    future: asyncio.Future
+    prepared: PreparedSlice
+    future: asyncio.Future[ModelOutput]
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -64,21 +65,30 @@ class DynamicBatcher:
         self.on_queue_wait = on_queue_wait
         self.pending: deque[_Pending] = deque()
         self.in_flight: list[_Pending] = []
+        self.stopping = False
         self.arrived = asyncio.Event()
         # One thread: ONNX Runtime already spreads one call over all cores.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.worker = asyncio.create_task(self._work(), name="dynamic-batcher")
 
     async def predict(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
-        if self.worker.done():
-            raise ShuttingDown("the inference worker has stopped")
+        prepared = await run_in_threadpool(lambda: [self.pipeline.prepare(s) for s in slices])
+        outputs = await self._queue(prepared)
+        return await run_in_threadpool(
+            lambda: [self.pipeline.finish(p, o) for p, o in zip(prepared, outputs, strict=True)]
+        )
+
+    async def _queue(self, prepared: list[PreparedSlice]) -> list[ModelOutput]:
+        if self.stopping:  # nobody would take these slices any more
+            raise ShuttingDown("the service is shutting down")
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in slices]
-        self.pending.extend(_Pending(s, f) for s, f in zip(slices, futures, strict=True))
+        futures = [loop.create_future() for _ in prepared]
+        self.pending.extend(_Pending(p, f) for p, f in zip(prepared, futures, strict=True))
         self.arrived.set()
         return list(await asyncio.gather(*futures))
 
     async def stop(self) -> None:
+        self.stopping = True
         self.worker.cancel()
         await asyncio.gather(self.worker, return_exceptions=True)
         for pending in [*self.in_flight, *self.pending]:
@@ -111,14 +121,14 @@ class DynamicBatcher:
             if self.on_queue_wait is not None:
                 for pending in self.in_flight:
                     self.on_queue_wait(started - pending.enqueued)
-            slices = [p.slice for p in self.in_flight]
+            prepared = [p.prepared for p in self.in_flight]
             try:
-                predictions = await loop.run_in_executor(self.executor, self.pipeline.predict_batch, slices)
+                outputs = await loop.run_in_executor(self.executor, self.pipeline.run_models, prepared)
             except Exception as error:  # handed to the waiting requests, which report it; the worker lives on
                 for pending in self.in_flight:
                     if not pending.future.done():
                         pending.future.set_exception(error)
                 continue
-            for pending, prediction in zip(self.in_flight, predictions, strict=True):
+            for pending, output in zip(self.in_flight, outputs, strict=True):
                 if not pending.future.done():
-                    pending.future.set_result(prediction)
+                    pending.future.set_result(output)

@@ -17,7 +17,7 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.pipeline import BatchTimings
+from app.core.pipeline import BatchTimings, SlicePrediction
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -46,7 +46,7 @@ class ServiceMetrics:
             ["model"], buckets=BATCH_SIZE_BUCKETS, registry=r,
         )  # fmt: skip
         self.stage_duration = Histogram(
-            "lgg_pipeline_stage_duration_seconds", "Per-batch time spent in preprocessing and postprocessing.",
+            "lgg_pipeline_stage_duration_seconds", "Per-slice preprocessing and postprocessing time.",
             ["stage"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_wait = Histogram(
@@ -62,13 +62,16 @@ class ServiceMetrics:
         """Pipeline callback, once per batch."""
         self.slices.inc(timings.batch_size)
         self.tumors.inc(timings.segmented)
-        self.stage_duration.labels("preprocess").observe(timings.preprocess_s)
-        self.stage_duration.labels("postprocess").observe(timings.postprocess_s)
         self.inference_duration.labels("classifier").observe(timings.classifier_s)
         self.batch_size.labels("classifier").observe(timings.batch_size)
         if timings.segmented:
             self.inference_duration.labels("segmenter").observe(timings.segmenter_s)
             self.batch_size.labels("segmenter").observe(timings.segmented)
+
+    def observe_slices(self, predictions: list[SlicePrediction]) -> None:
+        for prediction in predictions:
+            self.stage_duration.labels("preprocess").observe(prediction.preprocess_s)
+            self.stage_duration.labels("postprocess").observe(prediction.postprocess_s)
 
 
 class HttpMetricsMiddleware:

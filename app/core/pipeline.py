@@ -1,7 +1,12 @@
-"""decode -> preprocess -> classify -> segment (only where a tumor is detected) -> postprocess.
+"""decode -> preprocess -> classify -> segment (only where a tumor is detected) -> postprocess -> encode.
 
 `Pipeline.predict_batch` is the whole model path for 8-bit slices, without HTTP: the service,
-the benchmarks and other routes call it the same way. Decoding and encoding live in app.core.codecs.
+the benchmarks and other routes call it the same way. It runs in three steps so the dynamic
+batcher can keep its one inference thread on the networks alone, while per-slice work runs beside it:
+  prepare()     one slice  -> network input (the shared preprocess_slice)
+  run_models()  many slices -> classifier on all, segmenter on the flagged ones, in batches
+  finish()      one slice  -> boolean mask at the input's own size (the shared mask_to_input_size)
+Decoding and encoding live in app.core.codecs.
 """
 
 import time
@@ -15,19 +20,29 @@ from app.core.preprocessing import mask_to_input_size, preprocess_slice
 
 
 @dataclass(frozen=True)
+class PreparedSlice:
+    image: np.ndarray  # (3, S, S) float32 network input
+    height: int
+    width: int
+    preprocess_s: float
+
+
+@dataclass(frozen=True)
 class BatchTimings:
-    """One ONNX Runtime batch: how many slices went through each model and how long each stage took."""
+    """One batch: how many slices went through each network and how long each call took."""
 
     batch_size: int
     segmented: int
-    preprocess_s: float
     classifier_s: float
     segmenter_s: float
-    postprocess_s: float
 
-    @property
-    def total_s(self) -> float:
-        return self.preprocess_s + self.classifier_s + self.segmenter_s + self.postprocess_s
+
+@dataclass(frozen=True)
+class ModelOutput:
+    tumor_probability: float
+    tumor_detected: bool
+    tumor_probability_map: np.ndarray | None  # (S, S) at model size; only where a tumor was detected
+    batch: BatchTimings
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,8 @@ class SlicePrediction:
     # Boolean mask at the input slice's own size; None when the classifier found no tumor.
     mask: np.ndarray | None
     batch: BatchTimings
+    preprocess_s: float
+    postprocess_s: float
 
 
 class Pipeline:
@@ -56,34 +73,55 @@ class Pipeline:
     def predict_batch(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
         """8-bit slices (HxW FLAIR or HxWx3 in dataset channel order, any size) -> one prediction each, in order.
 
-        Runs the models in chunks of at most max_batch_size slices.
+        Runs the networks in batches of at most max_batch_size slices.
         """
-        predictions: list[SlicePrediction] = []
-        for start in range(0, len(slices), self.max_batch_size):
-            predictions += self._predict_chunk(slices[start : start + self.max_batch_size])
-        return predictions
+        prepared = [self.prepare(s) for s in slices]
+        return [self.finish(p, o) for p, o in zip(prepared, self.run_models(prepared), strict=True)]
 
-    def _predict_chunk(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
-        t0 = time.perf_counter()
-        images = np.stack([preprocess_slice(s, self.input_size) for s in slices])
-        t1 = time.perf_counter()
+    def prepare(self, slice_: np.ndarray) -> PreparedSlice:
+        started = time.perf_counter()
+        image = preprocess_slice(slice_, self.input_size)
+        height, width = slice_.shape[:2]
+        return PreparedSlice(image, height, width, time.perf_counter() - started)
+
+    def run_models(self, prepared: list[PreparedSlice]) -> list[ModelOutput]:
+        outputs: list[ModelOutput] = []
+        for start in range(0, len(prepared), self.max_batch_size):
+            outputs += self._run_batch(np.stack([p.image for p in prepared[start : start + self.max_batch_size]]))
+        return outputs
+
+    def _run_batch(self, images: np.ndarray) -> list[ModelOutput]:
+        started = time.perf_counter()
         tumor_probabilities = self.models.classifier.run(images)[:, 0]
         detected = tumor_probabilities >= self.classifier_threshold
-        t2 = time.perf_counter()
+        classified = time.perf_counter()
         # The segmenter only sees slices the classifier flagged: most slices of a volume are tumor-free.
-        probability_maps = self.models.segmenter.run(images[detected])[:, 0] if detected.any() else None
-        t3 = time.perf_counter()
-        masks: list[np.ndarray | None] = [None] * len(slices)
-        for map_index, slice_index in enumerate(np.flatnonzero(detected)):
-            height, width = slices[slice_index].shape[:2]
-            masks[slice_index] = mask_to_input_size(
-                probability_maps[map_index], height, width, self.segmenter_threshold
-            )
-        t4 = time.perf_counter()
-        timings = BatchTimings(len(slices), int(detected.sum()), t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+        maps: list[np.ndarray | None] = [None] * len(images)
+        if detected.any():
+            for index, probability_map in zip(
+                np.flatnonzero(detected), self.models.segmenter.run(images[detected])[:, 0], strict=True
+            ):
+                maps[index] = probability_map
+        timings = BatchTimings(len(images), int(detected.sum()), classified - started, time.perf_counter() - classified)
         if self.on_batch is not None:
             self.on_batch(timings)
         return [
-            SlicePrediction(float(p), bool(d), m, timings)
-            for p, d, m in zip(tumor_probabilities, detected, masks, strict=True)
+            ModelOutput(float(p), bool(d), m, timings)
+            for p, d, m in zip(tumor_probabilities, detected, maps, strict=True)
         ]
+
+    def finish(self, prepared: PreparedSlice, output: ModelOutput) -> SlicePrediction:
+        started = time.perf_counter()
+        mask = None
+        if output.tumor_probability_map is not None:
+            mask = mask_to_input_size(
+                output.tumor_probability_map, prepared.height, prepared.width, self.segmenter_threshold
+            )
+        return SlicePrediction(
+            output.tumor_probability,
+            output.tumor_detected,
+            mask,
+            output.batch,
+            prepared.preprocess_s,
+            time.perf_counter() - started,
+        )

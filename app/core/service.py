@@ -76,7 +76,9 @@ class InferenceService:
     async def predict(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
         if self.runner is None:
             raise NotReady(self.failure or "the models are still loading and warming up; retry shortly")
-        return await self.runner.predict(slices)
+        predictions = await self.runner.predict(slices)
+        self.metrics.observe_slices(predictions)
+        return predictions
 
     async def stop(self) -> None:
         self._cancel_loading.set()

@@ -10,7 +10,7 @@ import pytest
 from app.core.batching import DirectRunner, DynamicBatcher, ShuttingDown
 from app.core.config import Settings
 from app.core.models import LoadedModels, load_models, read_model_card
-from app.core.pipeline import BatchTimings, Pipeline, SlicePrediction
+from app.core.pipeline import BatchTimings, ModelOutput, Pipeline, PreparedSlice, SlicePrediction
 from app.core.preprocessing import mask_to_input_size
 from tests.service.conftest import segmenter_map, synthetic_slice
 
@@ -86,24 +86,34 @@ def test_large_inputs_run_in_chunks_of_max_batch_size(models: LoadedModels) -> N
     predictions = pipeline.predict_batch([synthetic_slice(64, 64, seed=i) for i in range(10)])
     assert len(predictions) == 10
     assert [b.batch_size for b in batches] == [4, 4, 2]
-    assert all(b.total_s > 0 for b in batches)
+    assert all(b.classifier_s > 0 for b in batches)
 
 
 class FakePipeline:
-    """Records the batches it is given; answers each slice with its own first pixel as the probability."""
+    """Records the batches the networks would get; a slice's probability is its own first pixel."""
 
     def __init__(self, seconds: float = 0.02, fail_on: int | None = None) -> None:
         self.batches: list[int] = []
         self.seconds = seconds
         self.fail_on = fail_on
 
-    def predict_batch(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
-        self.batches.append(len(slices))
+    def prepare(self, slice_: np.ndarray) -> PreparedSlice:
+        return PreparedSlice(slice_, *slice_.shape[:2], preprocess_s=0.0)
+
+    def run_models(self, prepared: list[PreparedSlice]) -> list[ModelOutput]:
+        self.batches.append(len(prepared))
         time.sleep(self.seconds)
-        if self.fail_on is not None and any(int(s.flat[0]) == self.fail_on for s in slices):
+        if any(int(p.image.flat[0]) == self.fail_on for p in prepared):
             raise RuntimeError("boom")
-        timings = BatchTimings(len(slices), 0, 0, 0, 0, 0)
-        return [SlicePrediction(float(s.flat[0]), False, None, timings) for s in slices]
+        timings = BatchTimings(len(prepared), 0, 0.0, 0.0)
+        return [ModelOutput(float(p.image.flat[0]), False, None, timings) for p in prepared]
+
+    def finish(self, prepared: PreparedSlice, output: ModelOutput) -> SlicePrediction:
+        return SlicePrediction(output.tumor_probability, False, None, output.batch, 0.0, 0.0)
+
+    def predict_batch(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
+        prepared = [self.prepare(s) for s in slices]
+        return [self.finish(p, o) for p, o in zip(prepared, self.run_models(prepared), strict=True)]
 
 
 def one_pixel(value: int) -> np.ndarray:
@@ -127,16 +137,19 @@ def test_dynamic_batcher_gathers_concurrent_requests_in_order() -> None:
     assert len(waits) == 11 and all(w >= 0 for w in waits)
 
 
-def test_dynamic_batcher_waits_at_most_max_wait_for_a_lone_request() -> None:
-    async def scenario() -> float:
-        batcher = DynamicBatcher(FakePipeline(seconds=0), max_batch_size=64, max_wait_ms=30)  # type: ignore[arg-type]
+def test_dynamic_batcher_waits_max_wait_for_a_lone_request() -> None:
+    async def scenario() -> tuple[float, list[int]]:
+        fake = FakePipeline(seconds=0)
+        batcher = DynamicBatcher(fake, max_batch_size=64, max_wait_ms=30)  # type: ignore[arg-type]
         started = time.monotonic()
         await batcher.predict([one_pixel(1)])
         elapsed = time.monotonic() - started
         await batcher.stop()
-        return elapsed
+        return elapsed, fake.batches
 
-    assert 0.025 <= asyncio.run(scenario()) < 1.0
+    elapsed, batches = asyncio.run(scenario())
+    assert elapsed >= 0.025
+    assert batches == [1]
 
 
 def test_a_failing_batch_fails_its_requests_and_the_worker_lives_on() -> None:
@@ -154,9 +167,11 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_lives_on() -> None:
 
 def test_stopping_fails_waiting_requests_with_shutting_down() -> None:
     async def scenario() -> list[object]:
-        batcher = DynamicBatcher(FakePipeline(seconds=0.2), max_batch_size=1, max_wait_ms=0)  # type: ignore[arg-type]
+        fake = FakePipeline(seconds=0.2)
+        batcher = DynamicBatcher(fake, max_batch_size=1, max_wait_ms=0)  # type: ignore[arg-type]
         waiting = [asyncio.ensure_future(batcher.predict([one_pixel(i)])) for i in range(3)]
-        await asyncio.sleep(0.05)
+        while not fake.batches:  # the first slice is in the networks, the others queue or are being prepared
+            await asyncio.sleep(0.01)
         await batcher.stop()
         outcome = await asyncio.gather(*waiting, return_exceptions=True)
         with pytest.raises(ShuttingDown):

@@ -104,13 +104,14 @@ async def predict(
     result = await run_in_threadpool(to_prediction, slice_, prediction, mask_format, model_versions(service.card))
     finished = time.perf_counter()
     batch = prediction.batch
+    computing_s = prediction.preprocess_s + batch.classifier_s + batch.segmenter_s + prediction.postprocess_s
     result.timings = Timings(
         decode_ms=ms(decoded - started),
-        wait_ms=ms(max(0.0, predicted - decoded - batch.total_s)),
-        preprocess_ms=ms(batch.preprocess_s),
+        preprocess_ms=ms(prediction.preprocess_s),
+        wait_ms=ms(max(0.0, predicted - decoded - computing_s)),
         classifier_ms=ms(batch.classifier_s),
         segmenter_ms=ms(batch.segmenter_s),
-        postprocess_ms=ms(batch.postprocess_s),
+        postprocess_ms=ms(prediction.postprocess_s),
         encode_ms=ms(finished - predicted),
         total_ms=ms(finished - started),
         batch_size=batch.batch_size,
