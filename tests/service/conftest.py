@@ -18,7 +18,7 @@ from app.core.models import read_model_card
 from app.core.preprocessing import preprocess_slice
 from app.main import create_app
 
-READY_TIMEOUT_S = 60
+READY_TIMEOUT_S = 180  # generous: a nice 15 process gets little CPU while training runs
 
 
 def synthetic_slice(height: int = 256, width: int = 256, seed: int = 0) -> np.ndarray:

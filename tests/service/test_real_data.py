@@ -1,5 +1,6 @@
 """Real kaggle_3m slices through the service equal what the training code computes (no train/serve skew)."""
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,12 @@ from app.core.preprocessing import preprocess_slice
 pytestmark = pytest.mark.real_data
 
 
+@functools.cache
+def onnx_session(path: Path) -> ort.InferenceSession:
+    """One session per network file: the tumor folder's files are symlinks to the bundled ones."""
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 def training_reference(model_dir: Path, image_path: Path) -> tuple[float, np.ndarray]:
     """What `python -m training evaluate` computes for the slice: its reader, the shared preprocessing,
     the exported ONNX models and `pipeline_masks` with the card's thresholds."""
@@ -25,8 +32,7 @@ def training_reference(model_dir: Path, image_path: Path) -> tuple[float, np.nda
     batch = preprocess_slice(image, card.input_size)[None]
     outputs = {}
     for spec in (card.classifier, card.segmenter):
-        session = ort.InferenceSession(str(spec.path), providers=["CPUExecutionProvider"])
-        outputs[spec.kind] = session.run([spec.output_name], {spec.input_name: batch})[0]
+        outputs[spec.kind] = onnx_session(spec.path.resolve()).run([spec.output_name], {spec.input_name: batch})[0]
     masks = evaluate.pipeline_masks(
         outputs["classifier"][:, 0],
         outputs["segmenter"],
