@@ -25,7 +25,10 @@ IDENTIFYING = (
     "PatientID",
     "PatientBirthDate",
     "PatientBirthTime",
+    "PatientSex",
     "PatientAge",
+    "PatientSize",
+    "PatientWeight",
     "PatientAddress",
     "PatientTelephoneNumbers",
     "OtherPatientIDs",
@@ -39,8 +42,14 @@ IDENTIFYING = (
     "InstitutionName",
     "InstitutionAddress",
     "StudyDescription",
+    "StudyDate",
+    "StudyTime",
+    "SeriesDate",
+    "SeriesTime",
+    "AcquisitionDate",
+    "ContentDate",
 )
-MIN_REDACTED_LENGTH = 3  # shorter values (a sex, an empty name) would blank ordinary letters
+MIN_REDACTED_LENGTH = 3  # shorter values (a sex 'F', a size '2') would blank ordinary characters
 
 
 def redacted(message: str, sources: list[Dataset]) -> str:

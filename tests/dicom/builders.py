@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import zipfile
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,14 @@ def to_bytes(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def changed(ds: Dataset, **attributes: object) -> bytes:
+    """The file of a deep copy of `ds` with some attributes set (the fixtures' datasets stay untouched)."""
+    copy = deepcopy(ds)
+    for keyword, value in attributes.items():
+        setattr(copy, keyword, value)
+    return to_bytes(copy)
 
 
 def zip_of(files: dict[str, bytes]) -> bytes:

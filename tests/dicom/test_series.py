@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from app.core.dicom import decode_dicom_slice
 from app.core.series import keep_largest_component
-from tests.dicom.builders import AXIAL, OBLIQUE, mr_series, mr_slice, slice_normal, to_bytes, zip_of
+from tests.dicom.builders import AXIAL, OBLIQUE, changed, mr_series, mr_slice, slice_normal, to_bytes, zip_of
 from tests.dicom.conftest import PIXEL_SPACING_MM, SLICE_SPACING_MM, SLICES, multipart
 from tests.service.conftest import encode
 
@@ -182,23 +182,12 @@ def test_include_images_returns_the_8bit_flair_the_models_saw(
         assert item["mask"] is None
 
 
-def shifted(datasets: list[Dataset], **changes: object) -> list[bytes]:
-    files = []
-    for ds in datasets:
-        copy = Dataset(ds)
-        copy.file_meta = ds.file_meta
-        for keyword, value in changes.items():
-            setattr(copy, keyword, value)
-        files.append(to_bytes(copy))
-    return files
-
-
 def test_bad_series_are_refused_with_a_clear_4xx(
     dicom_client: TestClient, series_files: list[bytes], series_datasets: list[Dataset], flair_volume: np.ndarray
 ) -> None:
     other_series = to_bytes(mr_series(flair_volume[:1], bits_stored=12)[0])
-    same_position = shifted(series_datasets[:2], ImagePositionPatient=[0, 0, 0])
-    tilted = shifted(series_datasets[:1], ImageOrientationPatient=list(AXIAL)) + series_files[1:3]
+    same_position = [changed(ds, ImagePositionPatient=[0, 0, 0]) for ds in series_datasets[:2]]
+    tilted = [changed(series_datasets[0], ImageOrientationPatient=list(AXIAL)), *series_files[1:3]]
     first = series_datasets[0]
     small = to_bytes(
         mr_slice(
