@@ -23,6 +23,11 @@ class Settings(BaseSettings):
         "(TensorRT -> CUDA -> CPU, as far as this onnxruntime build offers them).",
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per session; 0 = all cores.")
+    intra_op_spinning: bool = Field(
+        False,
+        description="Let ONNX Runtime's idle intra-op threads busy-wait for work. Off: on a small CPU the spinning "
+        "threads take cycles from HTTP handling, decoding and the other requests (bench/serving.py measures it).",
+    )
     trt_cache_dir: Path = Field(
         Path(tempfile.gettempdir()) / "lgg-trt-engine-cache",
         description="Where TensorRT keeps built engines so a restart skips the build.",

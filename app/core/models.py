@@ -127,6 +127,7 @@ class OnnxModel:
         self.spec = spec
         options = ort.SessionOptions()
         options.intra_op_num_threads = settings.intra_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = []
         for name in settings.provider_list:
