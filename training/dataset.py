@@ -21,7 +21,8 @@ from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from app.core.preprocessing import preprocess_slice, resize_plane
+from app.core.codecs import to_slice_array
+from app.core.preprocessing import preprocess_slice, resize_plane, to_three_channels
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,9 @@ def read_image(path: Path) -> np.ndarray:
     """An 8-bit slice as HxWx3 (a grayscale file is taken as FLAIR and replicated)."""
     try:
         with Image.open(path) as image:
-            image = image.convert("L") if image.mode in ("L", "1", "P", "I;16", "I") else image.convert("RGB")
-            array = np.asarray(image)
+            return to_three_channels(to_slice_array(image))
     except (OSError, ValueError) as error:
         raise DatasetError(f"cannot read image {path}: {error}") from error
-    return np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -124,7 +123,9 @@ def _decode(args: tuple[SliceRecord, int]) -> tuple[np.ndarray, np.ndarray, np.n
 def load_cache(root: Path, size: int, cache_dir: Path, workers: int = 2) -> SliceCache:
     """Decode and preprocess every slice once; later runs load the .npz (seconds)."""
     records = find_slices(root)
-    listing = "\n".join(f"{r.image_path}:{r.image_path.stat().st_size}:{r.mask_path.stat().st_size}" for r in records)
+    listing = "\n".join(
+        f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for r in records for p in (r.image_path, r.mask_path)
+    )
     key = hashlib.sha256(f"{CACHE_VERSION}:{size}:{listing}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"lgg-{size}-{key}.npz"
     if path.exists():

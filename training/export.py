@@ -80,7 +80,9 @@ def check_parity(model: nn.Module, path: Path, images: np.ndarray, threshold: fl
     return {
         "slices": len(images),
         "max_abs_difference": float(np.abs(onnx_out - torch_out).max()),
-        "differing_decisions": int(((onnx_out >= threshold) != (torch_out >= threshold)).sum()),
+        "differing_decisions": int(
+            (((onnx_out >= threshold) != (torch_out >= threshold)) & (np.abs(torch_out - threshold) > 1e-5)).sum()
+        ),
     }
 
 

@@ -3,6 +3,8 @@
 Dice convention: 1.0 when prediction and truth are both empty, 0.0 when only one is.
 """
 
+import math
+
 import numpy as np
 
 
@@ -58,5 +60,5 @@ def threshold_for_sensitivity(scores: np.ndarray, labels: np.ndarray, sensitivit
     positives = np.sort(scores[labels.astype(bool)])
     if len(positives) == 0:
         raise ValueError("no positive slices to choose a threshold on")
-    allowed_misses = int(np.floor(len(positives) * (1 - sensitivity)))
+    allowed_misses = len(positives) - math.ceil(round(len(positives) * sensitivity, 9))
     return float(positives[allowed_misses])

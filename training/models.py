@@ -136,7 +136,7 @@ def load_matching_weights(module: nn.Module, state: Mapping[str, torch.Tensor]) 
     """
     own = module.state_dict()
     loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not loaded:
+    if not loaded.keys() & dict(module.named_parameters()).keys():
         raise ValueError("no parameter of the checkpoint matches this network (names or shapes differ)")
     module.load_state_dict(loaded, strict=False)
     return sorted(loaded)

@@ -8,6 +8,7 @@ Run as `python -m training train --model classifier|segmenter ...`; under
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -136,14 +137,12 @@ def run(args: argparse.Namespace) -> Path:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "history": [], "train_seconds": 0.0}
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if args.resume and last_path.exists():
         checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
         state = checkpoint["state"]
         torch.set_rng_state(checkpoint["rng"])
         log.info("resumed from %s at epoch %d (best %.4f)", last_path, state["epoch"], state["best"])
@@ -169,6 +168,8 @@ def run(args: argparse.Namespace) -> Path:
     for epoch in range(state["epoch"], args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
         net.train()
         losses = []
         for images, masks, slice_labels in tqdm(
@@ -191,7 +192,6 @@ def run(args: argparse.Namespace) -> Path:
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        scheduler.step()
         state["epoch"] = epoch + 1
         state["train_seconds"] = time.monotonic() - started
         if rank == 0:
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> Path:
                     "epoch": epoch + 1,
                     "train_loss": float(np.mean(losses)),
                     "val_metric": metric,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": optimizer.param_groups[0]["lr"],
                     "seconds": state["train_seconds"],
                 }
             )
@@ -216,7 +216,6 @@ def run(args: argparse.Namespace) -> Path:
                 {
                     **checkpoint,
                     "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(),
                 },
                 last_path,
