@@ -14,7 +14,8 @@ PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CP
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LGG_", frozen=True)
+    # An empty variable (e.g. compose passing `LGG_API_KEY:` through unset) means "not set", not an empty key.
+    model_config = SettingsConfigDict(env_prefix="LGG_", frozen=True, env_ignore_empty=True)
 
     model_dir: Path = Field(Path("models"), description="Folder with model_card.json and the ONNX files it names.")
     providers: str = Field(
