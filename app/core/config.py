@@ -35,7 +35,11 @@ class Settings(BaseSettings):
     )
     cuda_mem_limit_bytes: int = Field(0, ge=0, description="CUDA arena limit per session; 0 = no limit.")
 
-    batching: bool = Field(True, description="Gather concurrent slices into one ONNX Runtime call.")
+    batching: bool = Field(
+        False,
+        description="Gather concurrent slices into one ONNX Runtime call. Off by default: on the 2-core CPU it was "
+        "measured on (bench/serving.py) it lowered throughput at 1, 4 and 16 clients; try it on a GPU.",
+    )
     max_batch_size: int = Field(16, ge=1, le=256, description="Most slices per ONNX Runtime call.")
     max_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long the batcher waits for more slices.")
     warmup_runs: int = Field(1, ge=0, description="Warm-up inferences per batch size before /readyz says ready.")

@@ -55,7 +55,10 @@ def start(app: FastAPI) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="session")
 def settings(bundled_models_dir: Path) -> Settings:
-    return Settings(model_dir=bundled_models_dir, providers="CPUExecutionProvider", warmup_runs=0, max_batch_size=8)
+    # Batching on (it is off by default): these tests exercise the dynamic batcher and its queue metrics.
+    return Settings(
+        model_dir=bundled_models_dir, providers="CPUExecutionProvider", warmup_runs=0, max_batch_size=8, batching=True
+    )
 
 
 @pytest.fixture(scope="session")
