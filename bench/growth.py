@@ -1,6 +1,6 @@
 """Cost growth: service throughput and memory as batch requests grow, latency as concurrency grows.
 
-    python -m bench.growth            # about 4 minutes on 2 cores
+    python -m bench.growth            # about 3 minutes on 2 cores
     python -m bench.growth --quick    # smoke run, under a minute; its numbers mean nothing
 
 One service process (app.main, default settings) on loopback, load from a separate process (bench/loadgen.py):

@@ -1,6 +1,6 @@
 """Serving benchmark: the service over HTTP against raw ONNX Runtime and a naive FastAPI + PyTorch service.
 
-    python -m bench.serving            # about 6 minutes on 2 cores
+    python -m bench.serving            # about 5 minutes on 2 cores
     python -m bench.serving --quick    # smoke run, under a minute; its numbers mean nothing
 
 The same slices (real LGG slices in the dataset's tumor proportion; synthetic phantoms when ../shared is
@@ -14,6 +14,7 @@ count. Throughput is slices/s; each row also gives its ratio to (a) at the same 
 per slice: the pipeline as deployed against both networks on every slice and against the course design.
 """
 
+import os
 from pathlib import Path
 
 import httpx
@@ -61,6 +62,9 @@ COLUMNS = [
     ("errors", "errors"),
     ("requests", "requests"),
     ("cpu_ms_per_slice", "CPU ms/slice"),
+    ("client_cpu_ms_per_slice", "client CPU ms/slice"),
+    ("cpu_busy", "CPU busy"),
+    ("x_ceiling_at_full_cpu", "x (a) at full CPU"),
     ("mean_onnx_batch", "mean batch"),
     ("peak_rss_mib", "peak RSS MiB"),
 ]
@@ -121,6 +125,15 @@ def add_ratios(rows: list[dict]) -> None:
         row["x_ceiling"] = round(row["slices_per_s"] / base["slices_per_s"], 3) if base["slices_per_s"] else None
         both = row["p99_ms"] is not None and base["p99_ms"] is not None
         row["p99_minus_ceiling_ms"] = round(row["p99_ms"] - base["p99_ms"], 2) if both else None
+        if not row["slices"] or row["cpu_ms_per_slice"] is None:
+            continue
+        # Where the time goes: CPU per slice of the server and of the load generator (both on these cores),
+        # how busy the cores were, and the ratio to (a) this row would reach with the cores kept busy.
+        client_cpu_s = row.get("client_cpu_s", 0.0)
+        row["client_cpu_ms_per_slice"] = round(1000 * client_cpu_s / row["slices"], 2)
+        row["cpu_busy"] = round((row["cpu_s"] + client_cpu_s) / (row["seconds"] * (os.cpu_count() or 1)), 2)
+        per_slice = row["cpu_ms_per_slice"] + row["client_cpu_ms_per_slice"]
+        row["x_ceiling_at_full_cpu"] = round(base["cpu_ms_per_slice"] / per_slice, 3)
 
 
 def compute_per_slice(card: ModelCard, pass_share: float, tumor_share: float) -> list[dict]:
@@ -215,6 +228,8 @@ def main() -> None:
         "HTTP load comes from a separate process on the same 2 cores: its CPU (client_cpu_s) is taken from "
         "the server, which (a) does not pay.",
         "CPU ms/slice: CPU time of the process doing the work (the server; this process for (a)) per slice; "
+        "client CPU: the load generator's; CPU busy: both over all cores; x (a) at full CPU: (a)'s CPU per "
+        "slice over this row's server + client CPU per slice, the ratio reachable if the cores were kept busy; "
         "mean batch: slices per classifier call in the service (from its metrics, warm-up included).",
     ]
 
