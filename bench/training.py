@@ -1,6 +1,6 @@
 """Training benchmark: slices/s of one training step of each network, technique by technique.
 
-    python -m bench.training            # about 3 minutes on 2 cores
+    python -m bench.training            # about 2 minutes on 2 cores
     python -m bench.training --quick    # smoke run, under a minute; its numbers mean nothing
 
 Each row adds one technique of the project's data path (training/train.py) to the row before, starting
@@ -91,7 +91,7 @@ def batch_tensors(data: Data, indices: np.ndarray, variant: Variant, size: int) 
 
 
 def time_steps(kind: str, card_model: dict, size: int, data: Data, variant: Variant, batch: int, steps: int) -> float:
-    """Seconds per training step, after one untimed warm-up step."""
+    """Median seconds per training step over `steps` timed steps, after one untimed warm-up step."""
     hyperparameters = card_model["training"]["hyperparameters"]
     torch.manual_seed(0)
     model = build_model(kind, hyperparameters["width"], tuple(hyperparameters["blocks"])).train()
@@ -124,15 +124,17 @@ def time_steps(kind: str, card_model: dict, size: int, data: Data, variant: Vari
         optimizer.step()
 
     step()
-    started = time.perf_counter()
+    durations = []
     for _ in range(steps):
+        started = time.perf_counter()
         step()
-    return (time.perf_counter() - started) / steps
+        durations.append(time.perf_counter() - started)
+    return float(np.median(durations))  # one slow step (another process waking up) does not move it
 
 
 def main() -> None:
     parser = bench_arguments("training", __doc__)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per fp32 row (bf16 rows: 3)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per fp32 row (bf16 rows: 3)")
     args = parser.parse_args()
     batch, steps, bf16_steps = (4, 1, 1) if args.quick else (16, args.steps, 3)
 
@@ -158,7 +160,7 @@ def main() -> None:
                         "autocast_bf16": variant.autocast_bf16,
                         "batch": batch,
                         "steps": n,
-                        "ms_per_step": round(seconds * 1000, 1),
+                        "ms_per_step": round(seconds * 1000, 1),  # median
                         "slices_per_s": round(batch / seconds, 2),
                     }
                 )
@@ -182,7 +184,7 @@ def main() -> None:
         [
             ("model", "model"),
             ("variant", "data path"),
-            ("ms_per_step", "ms/step"),
+            ("ms_per_step", "median ms/step"),
             ("slices_per_s", "slices/s"),
             ("x_naive", "x naive"),
             ("x_previous_row", "x previous row"),
