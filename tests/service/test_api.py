@@ -378,3 +378,21 @@ def test_a_genuine_bug_is_a_logged_json_500(settings: Settings, caplog: pytest.L
     assert response.status_code == 500
     assert response.json() == {"detail": "internal error; it has been logged"}
     assert "unhandled error on GET /bug" in caplog.text
+
+
+def test_without_batching_requests_run_alone_with_the_same_answers(
+    make_client: Callable[..., TestClient], client: TestClient, slice_png: bytes
+) -> None:
+    direct = make_client(batching=False)
+    alone = direct.post("/v1/predict", files=upload(slice_png)).json()
+    batched = client.post("/v1/predict", files=upload(slice_png)).json()
+    assert alone["tumor_probability"] == pytest.approx(batched["tumor_probability"], abs=1e-5)
+    assert alone["timings"]["batch_size"] == 1
+    files = [("files", (f"{i}.png", slice_png)) for i in range(10)] + [("files", ("bad.png", b"x"))]
+    results = direct.post("/v1/predict/batch", files=files).json()["results"]
+    assert [r["status_code"] for r in results] == [200] * 10 + [400]
+    text = direct.get("/metrics").text
+    # The batch endpoint still runs the networks in batches of max_batch_size (8 here): 1 + 8 + 2 slices.
+    assert metric_value(text, 'lgg_inference_batch_size_count{model="classifier"}') == 3
+    assert metric_value(text, "lgg_queue_wait_seconds_count") == 0
+    assert direct.get("/v1/models").json()["batching"]["enabled"] is False

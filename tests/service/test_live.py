@@ -93,7 +93,7 @@ def server(bundled_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
                     readiness.append(http.get("/readyz").status_code)
                 if readiness and readiness[-1] == 200:
                     break
-                time.sleep(0.05)
+                time.sleep(0.01)  # fine-grained: warm-up lasts well under a second on a fast machine
         yield Server(url, readiness, log)
     finally:
         stop(process)
