@@ -12,6 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
+from pycocotools import mask as coco_mask
 
 from app.core.config import Settings
 from app.core.models import read_model_card
@@ -38,6 +39,11 @@ def encode(array: np.ndarray, image_format: str = "PNG", **options: object) -> b
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=image_format, **options)
     return buffer.getvalue()
+
+
+def coco_decode(rle: dict) -> np.ndarray:
+    """A COCO uncompressed RLE mask (the service's `rle` format) decoded by pycocotools, as bool HxW."""
+    return coco_mask.decode(coco_mask.frPyObjects(rle, *rle["size"])).astype(bool)
 
 
 def wait_until_ready(client: TestClient) -> None:

@@ -11,22 +11,17 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from pycocotools import mask as coco_mask
 
 import app.core.service
 from app.core.config import Settings
 from app.main import create_app
-from tests.service.conftest import encode, synthetic_slice, wait_until_ready
+from tests.service.conftest import coco_decode, encode, synthetic_slice, wait_until_ready
 
 GIF = encode(synthetic_slice(32, 32), "GIF")
 
 
 def upload(data: bytes, name: str = "slice.png", content_type: str = "image/png") -> dict:
     return {"file": (name, data, content_type)}
-
-
-def coco_decode(rle: dict) -> np.ndarray:
-    return coco_mask.decode(coco_mask.frPyObjects(rle, *rle["size"])).astype(bool)
 
 
 def metric_value(text: str, sample: str) -> float:

@@ -8,7 +8,6 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-from pycocotools import mask as coco_mask
 
 from app.core.codecs import (
     ImageRejected,
@@ -20,7 +19,7 @@ from app.core.codecs import (
     outline,
     overlay_png,
 )
-from tests.service.conftest import encode, synthetic_slice
+from tests.service.conftest import coco_decode, encode, synthetic_slice
 
 MAX_PIXELS = 4096 * 4096
 
@@ -130,11 +129,6 @@ def test_decompression_bomb_is_refused_before_decoding(monkeypatch: pytest.Monke
 
 def test_image_at_the_pixel_limit_is_accepted() -> None:
     assert decode_image(encode(np.zeros((100, 100), np.uint8)), 100 * 100).shape == (100, 100)
-
-
-def coco_decode(rle: dict) -> np.ndarray:
-    height, width = rle["size"]
-    return coco_mask.decode(coco_mask.frPyObjects(rle, height, width)).astype(bool)
 
 
 def test_rle_matches_the_coco_example() -> None:

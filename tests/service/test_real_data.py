@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from pycocotools import mask as coco_mask
 
 from app.core.models import read_model_card
 from app.core.preprocessing import preprocess_slice
+from tests.service.conftest import coco_decode
 
 pytestmark = pytest.mark.real_data
 
@@ -78,9 +78,7 @@ def test_service_equals_training_on_real_slices(
             tumor_probability, mask = training_reference(model_dir, path)
             assert body["tumor_probability"] == pytest.approx(tumor_probability, abs=1e-5)
             if body["tumor_detected"]:
-                rle = body["mask"]
-                served = coco_mask.decode(coco_mask.frPyObjects(rle, *rle["size"])).astype(bool)
-                np.testing.assert_array_equal(served, mask)
+                np.testing.assert_array_equal(coco_decode(body["mask"]), mask)
             else:
                 assert body["mask"] is None
                 assert not mask.any(), "training's pipeline gives a mask where the service gives none"
