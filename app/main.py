@@ -12,9 +12,9 @@ from app.api.errors import add_error_handlers
 from app.api.limits import BodyLimitMiddleware
 from app.api.routes import health, models, predict, series, viewer
 from app.core.config import Settings
-from app.core.metrics import HttpMetricsMiddleware, ServiceMetrics
-from app.core.models import read_model_card
+from app.core.onnx_sessions import read_model_card
 from app.core.service import InferenceService
+from app.core.telemetry import HttpMetricsMiddleware, ServiceMetrics
 
 log = logging.getLogger(__name__)
 

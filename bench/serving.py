@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.core.codecs import decode_image
 from app.core.config import Settings
-from app.core.models import ModelCard, load_models, read_model_card
+from app.core.onnx_sessions import ModelCard, load_models, read_model_card
 from app.core.pipeline import Pipeline
 from bench.common import (
     LoadShape,

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from app.core.models import sha256_of
+from app.core.onnx_sessions import sha256_of
 from app.core.preprocessing import CHANNEL_ORDER, NORMALIZATION
 from training.dataset import load_cache, read_split
 from training.models import count_gflops, count_parameters

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.core.models import LoadedModels
+from app.core.onnx_sessions import LoadedModels
 from app.core.preprocessing import mask_to_input_size, preprocess_slice
 
 

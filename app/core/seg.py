@@ -12,7 +12,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from app.core.codecs import ImageRejected
-from app.core.models import ModelCard
+from app.core.onnx_sessions import ModelCard
 from app.core.series import Series
 
 MANUFACTURER = "lgg-tumor-service"

@@ -10,9 +10,9 @@ import numpy as np
 
 from app.core.batching import DirectRunner, DynamicBatcher, InferenceRunner
 from app.core.config import Settings
-from app.core.metrics import ServiceMetrics
-from app.core.models import LoadedModels, ModelCard, load_models
+from app.core.onnx_sessions import LoadedModels, ModelCard, load_models
 from app.core.pipeline import Pipeline, SlicePrediction
+from app.core.telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from app.core.config import Settings
-from app.core.models import read_model_card
+from app.core.onnx_sessions import read_model_card
 from app.core.preprocessing import preprocess_slice
 from app.main import create_app
 

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.core.config import Settings
-from app.core.models import ModelFolderError, load_models, provider_options, read_model_card
+from app.core.onnx_sessions import ModelFolderError, load_models, provider_options, read_model_card
 from app.main import create_app
 
 

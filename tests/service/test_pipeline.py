@@ -9,7 +9,7 @@ import pytest
 
 from app.core.batching import DirectRunner, DynamicBatcher, ShuttingDown
 from app.core.config import Settings
-from app.core.models import LoadedModels, load_models, read_model_card
+from app.core.onnx_sessions import LoadedModels, load_models, read_model_card
 from app.core.pipeline import BatchTimings, ModelOutput, Pipeline, PreparedSlice, SlicePrediction
 from app.core.preprocessing import mask_to_input_size
 from tests.service.conftest import segmenter_map, synthetic_slice

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.core.models import read_model_card
+from app.core.onnx_sessions import read_model_card
 from app.core.preprocessing import preprocess_slice
 from tests.service.conftest import coco_decode
 

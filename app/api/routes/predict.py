@@ -20,7 +20,7 @@ from app.core.codecs import (
     overlay_png,
 )
 from app.core.config import Settings
-from app.core.models import ModelCard
+from app.core.onnx_sessions import ModelCard
 from app.core.pipeline import SlicePrediction
 
 router = APIRouter(prefix="/predict", tags=["predict"])
