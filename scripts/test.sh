@@ -15,7 +15,7 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch==2.13.0 (CPU) comes from the machine's local wheel; see pyproject's [train] extra.
-.venv/bin/python -m pip install --quiet -e ".[train,test]"
+.venv/bin/python -m pip install --quiet -e ".[train,test,bulk]"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest -q "$@"
