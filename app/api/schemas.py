@@ -5,6 +5,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from app.core.model_card import ModelCardSchema
+
 
 class MaskFormat(StrEnum):
     rle = "rle"
@@ -47,11 +49,14 @@ class Timings(BaseModel):
 
 
 class Prediction(BaseModel):
-    tumor_detected: bool = Field(description="The classifier's decision: tumor_probability >= its threshold.")
+    tumor_detected: bool = Field(
+        description="True exactly when the mask has at least one pixel: the classifier passed its threshold AND the "
+        "segmenter marked a region of at least the card's min_component_pixels. Flag, mask, area and bbox agree."
+    )
     tumor_probability: float = Field(description="Classifier output in [0, 1].")
     mask: RleMask | PngMask | None = Field(
         description="Segmented tumor at the input's size; null when no tumor was detected or mask_format=none. "
-        "Can be empty when the classifier flags a tumor the segmenter does not outline."
+        "Never empty: a slice without a single mask pixel is tumor_detected false."
     )
     bbox: list[int] | None = Field(description="[x, y, width, height] in pixels around the mask; null if empty.")
     area_pixels: int = Field(description="Tumor pixels in the mask (0 when no tumor).")
@@ -79,7 +84,7 @@ class Status(BaseModel):
 
 
 class ModelsInfo(BaseModel):
-    card: dict[str, Any] = Field(description="model_card.json as served.")
+    card: ModelCardSchema = Field(description="model_card.json as served (app/core/model_card.py).")
     providers: dict[str, list[str]] = Field(description="ONNX Runtime execution providers each session took.")
     thresholds: dict[str, float]
     input_size: int

@@ -5,7 +5,8 @@ the benchmarks and other routes call it the same way. It runs in three steps so 
 batcher can keep its one inference thread on the networks alone, while per-slice work runs beside it:
   prepare()     one slice  -> network input (the shared preprocess_slice)
   run_models()  many slices -> classifier on all, segmenter on the flagged ones, in batches
-  finish()      one slice  -> boolean mask at the input's own size (the shared mask_to_input_size)
+  finish()      one slice  -> boolean mask at the input's own size (app.core.postprocessing's rule:
+                tumor_detected exactly when that mask is non-empty)
 Decoding and encoding live in app.core.codecs.
 """
 
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.core.onnx_sessions import LoadedModels
-from app.core.preprocessing import mask_to_input_size, preprocess_slice
+from app.core.postprocessing import slice_mask
+from app.core.preprocessing import preprocess_slice
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,8 @@ class ModelOutput:
 @dataclass(frozen=True)
 class SlicePrediction:
     tumor_probability: float
-    tumor_detected: bool
-    # Boolean mask at the input slice's own size; None when the classifier found no tumor.
+    tumor_detected: bool  # exactly when mask is not None (it then has at least one pixel)
+    # Boolean mask at the input slice's own size; None when no tumor was found.
     mask: np.ndarray | None
     batch: BatchTimings
     preprocess_s: float
@@ -69,6 +71,8 @@ class Pipeline:
         self.input_size = models.card.input_size
         self.classifier_threshold = models.card.classifier.threshold
         self.segmenter_threshold = models.card.segmenter.threshold
+        postprocessing = models.card.card.postprocessing
+        self.min_component_pixels = (postprocessing and postprocessing.min_component_pixels) or 0
 
     def predict_batch(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
         """8-bit slices (HxW FLAIR or HxWx3 in dataset channel order, any size) -> one prediction each, in order.
@@ -114,12 +118,18 @@ class Pipeline:
         started = time.perf_counter()
         mask = None
         if output.tumor_probability_map is not None:
-            mask = mask_to_input_size(
-                output.tumor_probability_map, prepared.height, prepared.width, self.segmenter_threshold
+            mask = slice_mask(
+                output.tumor_probability_map,
+                prepared.height,
+                prepared.width,
+                self.segmenter_threshold,
+                self.min_component_pixels,
             )
+        if mask is not None and not mask.any():
+            mask = None  # the classifier's yes without a single mask pixel is a no: flag, mask and area agree
         return SlicePrediction(
             output.tumor_probability,
-            output.tumor_detected,
+            mask is not None,
             mask,
             output.batch,
             prepared.preprocess_s,
