@@ -1,8 +1,8 @@
-"""`python -m training {train,evaluate,export,synthetic}`: the offline side of the project."""
+"""`python -m training {train,cv,evaluate,export,synthetic}`: the offline side of the project."""
 
 import argparse
 
-from training import evaluate, export, synthetic, train
+from training import cv, evaluate, export, synthetic, train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -10,6 +10,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, module, help_text in [
         ("train", train, "train the classifier or the segmenter"),
+        ("cv", cv, "patient-grouped K-fold cross-validation of the recipe, resumable; pooled report with intervals"),
         ("evaluate", evaluate, "choose thresholds on validation patients, measure on test patients, draw figures"),
         ("export", export, "export both networks to ONNX, check parity, write the model card"),
         ("synthetic", synthetic, "write a synthetic kaggle_3m-layout dataset (phantoms with exact masks)"),

@@ -181,6 +181,27 @@ def split_patients(
     return {k: sorted(v) for k, v in split.items()}
 
 
+def patient_folds(patients: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 42) -> list[list[str]]:
+    """Patient-grouped K folds, stratified by tumor burden: every patient in exactly one fold.
+
+    Patients are ranked by their share of tumor slices and dealt out in blocks of K, each block shuffled,
+    so every fold spans light and heavy tumor burden (and tumor-free patients where there are any).
+    """
+    names = sorted(set(patients.tolist()))
+    if len(names) < folds:
+        raise DatasetError(f"{len(names)} patients are too few for {folds} folds")
+    burden = {p: float(labels[patients == p].mean()) for p in names}
+    rng = random.Random(seed)
+    ordered = sorted(names, key=lambda p: (burden[p], rng.random()))
+    assignment: list[list[str]] = [[] for _ in range(folds)]
+    for start in range(0, len(ordered), folds):
+        block = ordered[start : start + folds]
+        targets = sorted(range(folds), key=lambda k: (len(assignment[k]), rng.random()))
+        for name, k in zip(block, targets, strict=False):
+            assignment[k].append(name)
+    return [sorted(fold) for fold in assignment]
+
+
 def write_split(split: dict[str, list[str]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(split, indent=2) + "\n")

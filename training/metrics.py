@@ -4,6 +4,7 @@ Dice convention: 1.0 when prediction and truth are both empty, 0.0 when only one
 """
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -38,13 +39,19 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def detection_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
-    labels = labels.astype(bool)
-    predicted = scores >= threshold
-    tp, tn = int((predicted & labels).sum()), int((~predicted & ~labels).sum())
-    fp, fn = int((predicted & ~labels).sum()), int((~predicted & labels).sum())
     return {
         "roc_auc": roc_auc(scores, labels),
         "threshold": float(threshold),
+        **decision_metrics(scores >= threshold, labels),
+    }
+
+
+def decision_metrics(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Sensitivity, specificity and counts of yes/no decisions per slice."""
+    predicted, labels = predicted.astype(bool), labels.astype(bool)
+    tp, tn = int((predicted & labels).sum()), int((~predicted & ~labels).sum())
+    fp, fn = int((predicted & ~labels).sum()), int((~predicted & labels).sum())
+    return {
         "sensitivity": tp / max(tp + fn, 1),
         "specificity": tn / max(tn + fp, 1),
         "accuracy": (tp + tn) / len(labels),
@@ -62,3 +69,37 @@ def threshold_for_sensitivity(scores: np.ndarray, labels: np.ndarray, sensitivit
         raise ValueError("no positive slices to choose a threshold on")
     allowed_misses = len(positives) - math.ceil(round(len(positives) * sensitivity, 9))
     return float(positives[allowed_misses])
+
+
+def segmentation_metrics(masks: np.ndarray, truths: np.ndarray, patients: np.ndarray) -> dict:
+    """Per-volume Dice (mean, median, per patient) and mean Dice over the slices that have a tumor."""
+    volume = per_volume_dice(masks, truths, patients)
+    tumor = truths.reshape(len(truths), -1).any(axis=1)
+    tumor_slice_dice = [dice_score(m, t) for m, t in zip(masks[tumor], truths[tumor], strict=True)]
+    return {
+        "patients": len(volume),
+        "volume_dice_mean": float(np.mean(list(volume.values()))),
+        "volume_dice_median": float(np.median(list(volume.values()))),
+        "volume_dice_by_patient": volume,
+        "tumor_slices": int(tumor.sum()),
+        "tumor_slice_dice_mean": float(np.mean(tumor_slice_dice)),
+    }
+
+
+def bootstrap_interval(
+    patients: list[str], statistic: Callable[[list[str]], float], samples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile interval of statistic(patients) over resamples of the patients with replacement.
+
+    Patients, not slices, are resampled: slices of one patient are not independent.
+    """
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(samples):
+        drawn = [patients[i] for i in rng.integers(0, len(patients), len(patients))]
+        try:
+            values.append(statistic(drawn))
+        except ValueError:  # e.g. a resample with no tumor-free slice has no ROC AUC
+            continue
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)

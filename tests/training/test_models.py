@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from training.models import ResNet, ResUNet, count_gflops, count_parameters, load_matching_weights
+from training.networks import ResNet, ResUNet, count_gflops, count_parameters, load_matching_weights
 
 # torchvision.models.resnet18().state_dict().keys(), in order (torchvision cannot be installed here).
 TORCHVISION_RESNET18_KEYS = [

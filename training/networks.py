@@ -1,9 +1,11 @@
 """The two networks: a ResNet tumor classifier and a ResUNet tumor segmenter.
 
 Parameter names follow torchvision's ResNets (conv1, bn1, layer1.0.conv1, ...,
-fc) so an ImageNet checkpoint loads with `load_torchvision_weights` when the
-width is 64. The ResUNet's encoder is the same ResNet trunk, so it can start
-from a trained classifier.
+fc) so an ImageNet checkpoint loads with `load_matching_weights` when the
+width is 64. The ResUNet's encoder is a whole ResNet, head included: it can
+start from a trained classifier, and joint training (`forward_both`) trains the
+classifier and the segmenter as one network, whose encoder is then exported as
+the classifier.
 """
 
 from collections.abc import Mapping
@@ -100,8 +102,7 @@ class ResUNet(nn.Module):
 
     def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), width: int = 32) -> None:
         super().__init__()
-        self.encoder = ResNet(blocks, width)
-        del self.encoder.fc, self.encoder.avgpool
+        self.encoder = ResNet(blocks, width)  # its avgpool + fc give the tumor logit of joint training
         deepest = self.encoder.stage_channels[-1]
         self.bottleneck = BasicBlock(deepest, deepest)
         self.full_resolution = nn.Sequential(
@@ -119,13 +120,26 @@ class ResUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tumor logit per pixel, shape (N, 1, H, W); H and W divisible by 32."""
+        return self.decode(x, self.encoder.features(x))
+
+    def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tumor logit per pixel (N, 1, H, W), tumor logit per slice (N, 1)) from one encoder pass."""
         maps = self.encoder.features(x)
+        tumor_logit = self.encoder.fc(torch.flatten(self.encoder.avgpool(maps[-1]), 1))
+        return self.decode(x, maps), tumor_logit
+
+    def decode(self, x: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
         skips = [*maps[-2::-1], self.full_resolution(x)]
         y = self.bottleneck(maps[-1])
         for block, skip in zip(self.decoder, skips, strict=True):
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             y = block(torch.cat([y, skip], dim=1))
         return self.head(y)
+
+
+def build_model(kind: str, width: int, blocks: tuple[int, ...]) -> ResNet | ResUNet:
+    """`classifier` -> ResNet; `segmenter` and `joint` (both heads, trained together) -> ResUNet."""
+    return ResNet(blocks, width) if kind == "classifier" else ResUNet(blocks, width)
 
 
 def load_matching_weights(module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:

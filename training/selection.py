@@ -1,0 +1,76 @@
+"""Thresholds chosen on validation patients, and the pipeline's masks under those thresholds.
+
+Used by `evaluate` (validation patients of the single split) and by `cv` (inner validation patients inside
+each fold's training patients), so out-of-fold or test patients never choose anything.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.core.postprocessing import slice_mask
+from training.metrics import per_volume_dice, threshold_for_sensitivity
+
+SEGMENTER_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.1, 0.71, 0.05), 2))
+MIN_COMPONENT_PIXELS = (0, 4, 8, 16, 32, 64)  # at the model's input size (4x as many source pixels at 128 -> 256)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    classifier: float
+    segmenter: float
+    min_component_pixels: int
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """One model's outputs on some slices of the cache."""
+
+    indices: np.ndarray  # (N,) slice indices into the cache
+    tumor_probability: np.ndarray  # (N,) classifier
+    probability_maps: np.ndarray  # (N, S, S) segmenter, at model size
+
+    def subset(self, keep: np.ndarray) -> "Outputs":
+        return Outputs(self.indices[keep], self.tumor_probability[keep], self.probability_maps[keep])
+
+
+def pipeline_masks(
+    outputs: Outputs, shape: tuple[int, int], thresholds: Thresholds, classify: bool = True
+) -> np.ndarray:
+    """The service's masks at source size (app.core.postprocessing's rule); `classify=False`: segmenter alone."""
+    masks = np.zeros((len(outputs.indices), *shape), dtype=bool)
+    flagged = outputs.tumor_probability >= thresholds.classifier if classify else np.ones(len(masks), dtype=bool)
+    for i in np.flatnonzero(flagged):
+        masks[i] = slice_mask(
+            outputs.probability_maps[i].astype(np.float32),
+            *shape,
+            thresholds.segmenter,
+            thresholds.min_component_pixels,
+        )
+    return masks
+
+
+def mean_volume_dice(masks: np.ndarray, truths: np.ndarray, patients: np.ndarray) -> float:
+    return float(np.mean(list(per_volume_dice(masks, truths, patients).values())))
+
+
+def choose_thresholds(
+    outputs: Outputs, truths: np.ndarray, patients: np.ndarray, sensitivity: float
+) -> tuple[Thresholds, dict[str, dict[str, float]]]:
+    """On validation slices: the classifier's highest threshold with sensitivity >= `sensitivity` (a missed
+    tumor costs more than a false alarm), then the segmenter threshold, then the smallest component kept, each
+    maximizing mean per-volume Dice of the pipeline. Returns the thresholds and both sweeps."""
+    labels = truths.reshape(len(truths), -1).any(axis=1)
+    classifier = threshold_for_sensitivity(outputs.tumor_probability, labels, sensitivity)
+    shape = truths.shape[1:]
+
+    def score(segmenter: float, min_pixels: int) -> float:
+        masks = pipeline_masks(outputs, shape, Thresholds(classifier, segmenter, min_pixels))
+        return mean_volume_dice(masks, truths, patients)
+
+    segmenter_sweep = {str(t): score(t, 0) for t in SEGMENTER_THRESHOLDS}
+    segmenter = float(max(segmenter_sweep, key=segmenter_sweep.get))
+    component_sweep = {str(m): score(segmenter, m) for m in MIN_COMPONENT_PIXELS}
+    min_pixels = int(max(component_sweep, key=component_sweep.get))  # first maximum: the smallest size
+    sweeps = {"segmenter_threshold": segmenter_sweep, "min_component_pixels": component_sweep}
+    return Thresholds(classifier, segmenter, min_pixels), sweeps
