@@ -143,8 +143,8 @@ def compute_per_slice(card: ModelCard, pass_share: float, tumor_share: float) ->
 
     gflops = {}
     for kind in ("classifier", "segmenter"):
-        hyperparameters = card.card["models"][kind]["training"]["hyperparameters"]
-        network = build_model(kind, hyperparameters["width"], tuple(hyperparameters["blocks"]))
+        hyperparameters = getattr(card.card.models, kind).training.hyperparameters
+        network = build_model(kind, hyperparameters.width, tuple(hyperparameters.blocks))
         gflops[kind] = count_gflops(network, card.input_size)
     course = COURSE_CLASSIFIER_GFLOPS + COURSE_SEGMENTER_GFLOPS * tumor_share
     rows = [

@@ -17,17 +17,24 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from app.core.onnx_sessions import sha256_of
+from app.core.model_card import (
+    CARD_FILE,
+    PREPROCESSING_FUNCTION,
+    Hyperparameters,
+    ModelCardSchema,
+    sha256_of,
+    write_card,
+)
 from app.core.preprocessing import CHANNEL_ORDER, NORMALIZATION
 from training.dataset import load_cache, read_split
-from training.models import count_gflops, count_parameters
-from training.train import build_model, predict, setup_logging
+from training.inference import predict
+from training.logs import setup_logging
+from training.networks import build_model, count_gflops, count_parameters
 
 log = logging.getLogger("training")
 
 MODEL_FILES = {"classifier": "classifier.onnx", "segmenter": "segmenter.onnx"}
 OUTPUT_NAMES = {"classifier": "tumor_probability", "segmenter": "tumor_probability_map"}
-CARD_FILE = "model_card.json"
 OPSET = 17
 
 
@@ -46,6 +53,21 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     model = build_model(config["model"], config["width"], tuple(config["blocks"]))
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint
+
+
+def training_statement(configs: dict[str, dict], train_patients: int) -> str:
+    """How each network started and where it trained, from its checkpoint's config (not from defaults)."""
+    parts = []
+    for kind, config in configs.items():
+        if config.get("pretrained"):
+            start = f"started from ImageNet weights ({Path(config['pretrained']).name})"
+        elif config.get("init_encoder"):
+            start = "encoder started from a trained classifier"
+        else:
+            start = "trained from scratch (no ImageNet weights)"
+        parts.append(f"{kind} {start} on {config.get('device') or 'an unrecorded device'}, seed {config['seed']}")
+    sentence = "; ".join(parts)
+    return f"{sentence[0].upper()}{sentence[1:]}; {train_patients} training patients of one public dataset."
 
 
 def run_totals(last_path: Path) -> dict[str, int]:
@@ -76,7 +98,7 @@ def check_parity(model: nn.Module, path: Path, images: np.ndarray, threshold: fl
     onnx_out = np.concatenate(
         [session.run(None, {"image": images[i : i + 32].astype(np.float32)})[0] for i in range(0, len(images), 32)]
     )
-    torch_out = predict(model, images, channels_last=False)
+    torch_out = predict(model, images)
     return {
         "slices": len(images),
         "max_abs_difference": float(np.abs(onnx_out - torch_out).max()),
@@ -91,11 +113,12 @@ def export_models(
 ) -> dict:
     """Write both ONNX files and the card; refuse to finish if ONNX and PyTorch disagree on a decision."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    card_models = {}
+    card_models, configs = {}, {}
     size = None
     for kind, checkpoint_path in checkpoints.items():
         model, checkpoint = load_checkpoint(checkpoint_path)
         config, state = checkpoint["config"], checkpoint["state"]
+        configs[kind] = config
         size = config["size"]
         path = out_dir / MODEL_FILES[kind]
         export_onnx(model, kind, size, path)
@@ -124,25 +147,12 @@ def export_models(
             "opset": OPSET,
             "onnx_parity": parity,
             "training": {
+                "device": config.get("device") or None,  # the device fit() trained on, as its checkpoint says
                 "best_epoch": state["best_epoch"],
                 "best_validation_metric": state["best"],
                 "seconds_to_best_epoch": round(state["train_seconds"]),
                 **run_totals(checkpoint_path.with_name("last.pt")),
-                "hyperparameters": {
-                    k: config[k]
-                    for k in (
-                        "size",
-                        "width",
-                        "blocks",
-                        "batch_size",
-                        "lr",
-                        "seed",
-                        "autocast",
-                        "channels_last",
-                        "init_encoder",
-                        "pretrained",
-                    )
-                },
+                "hyperparameters": {k: config[k] for k in Hyperparameters.model_fields if k in config},
             },
         }
     card = {
@@ -156,7 +166,7 @@ def export_models(
             "channel_order": list(CHANNEL_ORDER),
             "normalization": NORMALIZATION,
             "accepts": "8-bit slice of any size, RGB in channel_order or a single FLAIR channel (replicated)",
-            "preprocessing": "app.core.preprocessing.preprocess_slice",
+            "preprocessing": PREPROCESSING_FUNCTION,
         },
         "models": card_models,
         "metrics": report["metrics"],
@@ -165,12 +175,11 @@ def export_models(
             "machine": platform.machine(),
             "processor": platform.processor() or "unknown",
             "torch": torch.__version__,
-            "device": "cpu",
             "cpu_threads": torch.get_num_threads(),
         },
         "intended_use": "Research and engineering demonstration. NOT a medical device; not for diagnosis.",
         "limitations": [
-            "Trained from scratch (no ImageNet weights) on about 60 patients of one public dataset, on a 2-core CPU.",
+            training_statement(configs, len(data_description["split_patients"]["train"])),
             "Lower-grade glioma FLAIR abnormality only; other pathologies, scanners and protocols are unseen.",
             "Slice-by-slice: no 3D context.",
         ],
@@ -180,7 +189,7 @@ def export_models(
         ],
         "license": "Models derived from data distributed for research, treat as CC BY-NC-SA 4.0.",
     }
-    (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    write_card(ModelCardSchema.model_validate(card), out_dir)  # the service's schema: refuses what it would refuse
     return card
 
 
@@ -201,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
         "patients": len(set(cache.patients.tolist())),
         "slices": len(labels),
         "tumor_slices": int(labels.sum()),
-        "split": "by patient, stratified by tumor burden, seed 42",
+        "split": "by patient, stratified by tumor burden (split_patients lists each part)",
         "split_patients": split,
         "split_slices": {part: len(cache.indices_of(names)) for part, names in split.items()},
     }

@@ -92,7 +92,7 @@ def build_segmentation(series: Series, masks: np.ndarray, card: ModelCard) -> by
         pixel_array = masks
     else:
         raise ImageRejected(400, "output=seg needs either single-frame DICOM files or one multi-frame file, not a mix")
-    name, version = str(card.card.get("name", "lgg-tumor")), card.version
+    name, version = card.card.name, card.version
     algorithm = hd.AlgorithmIdentificationSequence(
         name=name[:LO_MAX], family=codes.DCM.ArtificialIntelligence, version=version[:LO_MAX], source=MANUFACTURER
     )

@@ -15,6 +15,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from tests.conftest import REPO_ROOT
+
 CANARY_NAME = "CANARY^PRIVATE^PATIENT"
 CANARY_ID = "CANARY-ID-0042"
 CANARY_BIRTH_DATE = "19010203"
@@ -187,11 +189,18 @@ def write_phantom_models(folder: Path, size: int = 64, flair_z: float = 1.5) -> 
         models[kind] = {
             "file": file,
             "sha256": hashlib.sha256((folder / file).read_bytes()).hexdigest(),
-            "input": {"name": "image"},
-            "output": {"name": output.name},
+            "input": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32"},
+            "output": {
+                "name": output.name,
+                "shape": ["batch", 1] if kind == "classifier" else ["batch", 1, size, size],
+            },
             "threshold": 0.5,
             "gflops_per_slice": 0.0,
         }
-    card = {"name": "phantom-flair-threshold", "version": "test.1", "input": {"size": size}, "models": models}
+    # The bundled card (a valid one under the service's schema) with the phantom's name, size and files.
+    card = json.loads((REPO_ROOT / "models" / "model_card.json").read_text())
+    card |= {"name": "phantom-flair-threshold", "version": "test.1", "input": card["input"] | {"size": size}}
+    for kind, entry in models.items():
+        card["models"][kind] |= entry
     (folder / "model_card.json").write_text(json.dumps(card, indent=2))
     return folder

@@ -104,7 +104,7 @@ def test_ready_only_after_warm_up(server: Server) -> None:
     assert server.readiness[-1] == 200
     assert set(server.readiness) == {503, 200}
     log = server.log.read_text()
-    assert "providers asked ['CPUExecutionProvider'], taken ['CPUExecutionProvider']" in log
+    assert "providers CPUExecutionProvider (as listed in LGG_PROVIDERS); sessions took {'classifier': ['CPU" in log
     assert "warm-up: 2 run(s) at batch sizes [1, 2, 4, 8]" in log
 
 

@@ -9,7 +9,13 @@ from app.core.service import NotReady
 router = APIRouter(prefix="/models", tags=["models"])
 
 
-@router.get("", response_model=ModelsInfo, responses={401: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+# exclude_unset: the card as its file says it, without the schema's empty optional sections.
+@router.get(
+    "",
+    response_model=ModelsInfo,
+    response_model_exclude_unset=True,
+    responses={401: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+)
 async def models(service: ServiceDep) -> ModelsInfo:
     if service.models is None:
         raise NotReady(service.failure or "the models are still loading and warming up; retry shortly")
