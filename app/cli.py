@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from app import bulk, triton_export
 from app.api.schemas import BatchItem, MaskFormat
 from app.client import ClientError, ServiceError, ServiceUnreachable, TumorClient, mask_array
 
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(run=run_predict)
+    triton_export.add_command(commands)
+    bulk.add_command(commands)
     return parser
 
 
