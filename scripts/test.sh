@@ -12,6 +12,15 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     echo "chromium/chromedriver missing and not root: the browser test will be skipped" >&2
   fi
 fi
+# The DICOM network tests run against Debian's Orthanc PACS; without it they skip with a reason.
+if ! command -v Orthanc >/dev/null || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; } \
+      || echo "could not install orthanc: the PACS tests will be skipped" >&2
+  else
+    echo "orthanc/orthanc-dicomweb missing and not root: the PACS tests will be skipped" >&2
+  fi
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch==2.13.0 (CPU) comes from the machine's local wheel; see pyproject's [train] extra.
