@@ -3,6 +3,7 @@
 "use strict";
 
 const OVERLAY_ALPHA = 0.55; // share of the overlay red in a tumor pixel
+const FULL_WINDOW = { width: 255, center: 128 }; // on the 8-bit slice: shows it as the models saw it
 const state = { files: [], result: null, images: [], index: 0 };
 const $ = (id) => document.getElementById(id);
 
@@ -62,6 +63,22 @@ function formatNumber(value, digits) {
   return value === null || value === undefined ? "n/a" : value.toFixed(digits);
 }
 
+// Window/level on the 8-bit slice, the DICOM linear way: [center - width/2, center + width/2] -> 0..255.
+function windowLut() {
+  const width = Number($("window-width").value), center = Number($("window-center").value);
+  $("window-width-value").textContent = width;
+  $("window-center-value").textContent = center;
+  const lut = new Uint8ClampedArray(256);
+  for (let v = 0; v < 256; v++) lut[v] = Math.round(((v - center + width / 2) * 255) / width);
+  return lut;
+}
+
+// mm² per pixel, when the series has a known spacing (DICOM PixelSpacing or the NIfTI header).
+function pixelAreaMm2(result) {
+  const spacing = result.voxel_spacing;
+  return spacing ? spacing.row_mm * spacing.column_mm : null;
+}
+
 function showSummary(result) {
   $("slice-count").textContent = result.slice_count;
   $("tumor-slices").textContent = result.tumor_slices;
@@ -75,6 +92,7 @@ function showSummary(result) {
   const slider = $("slice-slider");
   slider.max = result.slice_count - 1;
   $("results").hidden = false;
+  document.body.classList.add("has-results");
 }
 
 function drawSlice() {
@@ -85,25 +103,36 @@ function drawSlice() {
   const canvas = $("viewer-canvas");
   canvas.width = image.naturalWidth;
   canvas.height = image.naturalHeight;
-  const context = canvas.getContext("2d");
+  const context = canvas.getContext("2d", { willReadFrequently: true });
   context.drawImage(image, 0, 0);
+  const pixels = context.getImageData(0, 0, canvas.width, canvas.height);
+  const lut = windowLut();
+  for (let i = 0; i < pixels.data.length; i += 4) {
+    pixels.data[i] = lut[pixels.data[i]];
+    pixels.data[i + 1] = lut[pixels.data[i + 1]];
+    pixels.data[i + 2] = lut[pixels.data[i + 2]];
+  }
   if ($("overlay-toggle").checked && slice.mask) {
     const mask = decodeRle(slice.mask);
-    const pixels = context.getImageData(0, 0, canvas.width, canvas.height);
     for (let p = 0; p < mask.length; p++) {
       if (!mask[p]) continue;
       pixels.data[4 * p] = Math.round((1 - OVERLAY_ALPHA) * pixels.data[4 * p] + OVERLAY_ALPHA * 255);
       pixels.data[4 * p + 1] = Math.round((1 - OVERLAY_ALPHA) * pixels.data[4 * p + 1]);
       pixels.data[4 * p + 2] = Math.round((1 - OVERLAY_ALPHA) * pixels.data[4 * p + 2]);
     }
-    context.putImageData(pixels, 0, 0);
   }
+  context.putImageData(pixels, 0, 0);
   const name = slice.sop_instance_uid ? `SOP ${slice.sop_instance_uid}` : slice.filename || "";
   $("slice-label").textContent = `slice ${state.index + 1} / ${result.slice_count}` + (name ? ` (${name})` : "");
   $("slice-label").title = name;
   $("slice-probability").textContent = formatNumber(slice.tumor_probability, 3);
   $("slice-decision").textContent = slice.tumor_detected ? "tumor detected" : "no tumor detected";
   $("slice-area").textContent = slice.area_pixels;
+  const areaMm2 = pixelAreaMm2(result);
+  $("slice-area-mm2").textContent = areaMm2 === null
+    ? "(mm² n/a: no spacing)" : `= ${(slice.area_pixels * areaMm2).toFixed(1)} mm²`;
+  $("slice-volume-ml").textContent = areaMm2 === null
+    ? "n/a" : `${((slice.area_pixels * areaMm2 * result.voxel_spacing.slice_mm) / 1000).toFixed(3)} mL`;
   $("slice-slider").value = state.index;
 }
 
@@ -129,6 +158,7 @@ async function analyse(files) {
   } catch (error) {
     state.result = null;
     $("results").hidden = true;
+    document.body.classList.remove("has-results");
     setStatus(`Could not analyse: ${error.message}`, true);
   }
 }
@@ -180,6 +210,13 @@ function start() {
   $("files").addEventListener("change", (event) => analyse([...event.target.files]));
   $("slice-slider").addEventListener("input", (event) => { state.index = Number(event.target.value); drawSlice(); });
   $("overlay-toggle").addEventListener("change", drawSlice);
+  $("window-width").addEventListener("input", drawSlice);
+  $("window-center").addEventListener("input", drawSlice);
+  $("window-reset").addEventListener("click", () => {
+    $("window-width").value = FULL_WINDOW.width;
+    $("window-center").value = FULL_WINDOW.center;
+    drawSlice();
+  });
   $("download-seg").addEventListener("click", downloadSeg);
   $("api-key").value = sessionStorage.getItem("lgg-api-key") || "";
   $("api-key").addEventListener("change", () => sessionStorage.setItem("lgg-api-key", $("api-key").value.trim()));
