@@ -85,6 +85,10 @@ def write_repository(card: ModelCard, out: Path, options: RepositoryOptions) -> 
     return written
 
 
+class TritonUnavailable(RuntimeError):
+    """A Triton call failed (unreachable, timed out, refused): the service answers 503, the client may retry."""
+
+
 class TritonModel:
     """One network served by Triton; run() takes (N,3,S,S) float32 and returns the network's output, like OnnxModel."""
 
@@ -92,10 +96,10 @@ class TritonModel:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
-        self.spec, self.name, self.timeout_s = spec, model_name(spec.kind), timeout_s
+        self.spec, self.name, self.url, self.timeout_s = spec, model_name(spec.kind), url, timeout_s
         self.providers = [f"triton:{url}/{self.name}"]
+        self._grpc = grpcclient  # imported here, not at module level: only a service with a Triton needs it
         self._client = grpcclient.InferenceServerClient(url)
-        self._input, self._output = grpcclient.InferInput, grpcclient.InferRequestedOutput
         try:
             ready = self._client.is_model_ready(self.name, client_timeout=timeout_s)
             config = self._client.get_model_config(self.name, client_timeout=timeout_s).config
@@ -114,9 +118,13 @@ class TritonModel:
             )
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        tensor = self._input(self.spec.input_name, list(images.shape), "FP32")
+        from tritonclient.utils import InferenceServerException
+
+        tensor = self._grpc.InferInput(self.spec.input_name, list(images.shape), "FP32")
         tensor.set_data_from_numpy(np.ascontiguousarray(images, np.float32))
-        result = self._client.infer(
-            self.name, [tensor], outputs=[self._output(self.spec.output_name)], client_timeout=self.timeout_s
-        )
+        output = self._grpc.InferRequestedOutput(self.spec.output_name)
+        try:
+            result = self._client.infer(self.name, [tensor], outputs=[output], client_timeout=self.timeout_s)
+        except InferenceServerException as error:
+            raise TritonUnavailable(f"the inference server (Triton at {self.url}) failed: {error.message()}") from error
         return result.as_numpy(self.spec.output_name)

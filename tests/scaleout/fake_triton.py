@@ -82,9 +82,16 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
 
+@dataclass
+class RunningFake:
+    url: str  # host:port, as LGG_TRITON_URL takes it
+    servicer: FakeTriton
+    server: grpc.Server  # server.stop(None) plays a Triton that went away
+
+
 @contextmanager
-def fake_triton(repository: Path) -> Iterator[tuple[str, FakeTriton]]:
-    """("127.0.0.1:PORT", servicer) for a gRPC server on a free port; stopped on exit."""
+def fake_triton(repository: Path) -> Iterator[RunningFake]:
+    """A gRPC server on a free port serving the repository; stopped on exit."""
     servicer = FakeTriton(repository)
     limit = 256 * 1024 * 1024  # a batch of 128 float32 slices is 25 MB, above gRPC's 4 MB default
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
@@ -93,6 +100,6 @@ def fake_triton(repository: Path) -> Iterator[tuple[str, FakeTriton]]:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        yield f"127.0.0.1:{port}", servicer
+        yield RunningFake(f"127.0.0.1:{port}", servicer, server)
     finally:
         server.stop(grace=None)

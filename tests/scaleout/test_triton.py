@@ -20,7 +20,7 @@ from app.core.preprocessing import preprocess_slice
 from app.core.triton import CONFIG_FILE, MODEL_FILE, SHA256_PARAMETER, TritonModel, model_name
 from tests.conftest import REPO_ROOT
 from tests.live_server import live_server
-from tests.scaleout.fake_triton import FakeTriton, fake_triton
+from tests.scaleout.fake_triton import RunningFake, fake_triton
 from tests.service.conftest import encode, synthetic_slice
 
 MAX_BATCH = 32
@@ -38,9 +38,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory, bundled_models_dir: Pat
 
 
 @pytest.fixture(scope="module")
-def triton(repository: Path) -> Iterator[tuple[str, FakeTriton]]:
-    with fake_triton(repository) as served:
-        yield served
+def triton(repository: Path) -> Iterator[RunningFake]:
+    with fake_triton(repository) as running:
+        yield running
 
 
 def parsed_config(repository: Path, kind: str) -> pb.ModelConfig:
@@ -79,10 +79,8 @@ def real_slices(count: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["classifier", "segmenter"])
-def test_triton_session_answers_like_the_onnx_runtime_session(
-    triton: tuple[str, FakeTriton], card: ModelCard, kind: str
-) -> None:
-    url, servicer = triton
+def test_triton_session_answers_like_the_onnx_runtime_session(triton: RunningFake, card: ModelCard, kind: str) -> None:
+    url, servicer = triton.url, triton.servicer
     spec = getattr(card, kind)
     images = real_slices(5)
     local = OnnxModel(spec, card.input_size, Settings(providers="CPUExecutionProvider")).run(images)
@@ -93,15 +91,15 @@ def test_triton_session_answers_like_the_onnx_runtime_session(
     np.testing.assert_allclose(remote, local, rtol=0, atol=1e-5)
 
 
-def test_triton_session_refuses_another_export(triton: tuple[str, FakeTriton], card: ModelCard) -> None:
-    url, _ = triton
+def test_triton_session_refuses_another_export(triton: RunningFake, card: ModelCard) -> None:
+    url = triton.url
     other = card.classifier.__class__(**(card.classifier.__dict__ | {"sha256": "0" * 64}))
     with pytest.raises(ModelFolderError, match="lgg-tumor triton-export"):
         TritonModel(other, url, max_batch_size=MAX_BATCH, timeout_s=10)
 
 
-def test_triton_session_refuses_batches_triton_would_refuse(triton: tuple[str, FakeTriton], card: ModelCard) -> None:
-    url, _ = triton
+def test_triton_session_refuses_batches_triton_would_refuse(triton: RunningFake, card: ModelCard) -> None:
+    url = triton.url
     with pytest.raises(ModelFolderError, match=f"at most {MAX_BATCH}"):
         TritonModel(card.classifier, url, max_batch_size=MAX_BATCH + 1, timeout_s=10)
 
@@ -121,23 +119,22 @@ def unused_grpc_address() -> str:
 
 
 @pytest.mark.slow
-def test_service_with_triton_url_sends_the_networks_to_triton(
-    triton: tuple[str, FakeTriton], tmp_path: Path, bundled_models_dir: Path
-) -> None:
-    """A real uvicorn with LGG_TRITON_URL: same answer as in-process ONNX Runtime, computed by the (fake) Triton."""
-    url, servicer = triton
+def test_service_with_triton_url_sends_the_networks_to_triton(repository: Path, tmp_path: Path) -> None:
+    """A real uvicorn with LGG_TRITON_URL answers as in-process ONNX Runtime does, computed by the (fake) Triton;
+    when Triton goes away, a fast 503 that names it, not a 500."""
     files = {"file": ("slice.png", encode(synthetic_slice()), "image/png")}
-    answers = []
-    for settings in ({"triton_url": url}, {}):
-        with live_server(tmp_path, warmup_runs=1, max_batch_size=8, **settings) as server:
-            before = servicer.infer_requests.copy()
-            response = httpx.post(f"{server.url}/v1/predict", files=files, timeout=60)
-            assert response.status_code == 200, response.text
-            answers.append(response.json())
-            if settings:
-                assert servicer.infer_requests[model_name("classifier")] == before[model_name("classifier")] + 1
-                models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
-                assert url in str(models)
-    with_triton, in_process = answers
+    with live_server(tmp_path, warmup_runs=1, max_batch_size=8) as server:
+        in_process = httpx.post(f"{server.url}/v1/predict", files=files, timeout=60).json()
+    with fake_triton(repository) as triton, live_server(tmp_path, triton_url=triton.url, max_batch_size=8) as server:
+        classifier_calls = triton.servicer.infer_requests[model_name("classifier")]
+        response = httpx.post(f"{server.url}/v1/predict", files=files, timeout=60)
+        assert response.status_code == 200, response.text
+        assert triton.servicer.infer_requests[model_name("classifier")] == classifier_calls + 1
+        assert triton.url in str(httpx.get(f"{server.url}/v1/models", timeout=10).json())
+        with_triton = response.json()
+        triton.server.stop(grace=None)
+        gone = httpx.post(f"{server.url}/v1/predict", files=files, timeout=60)
+        assert gone.status_code == 503 and "Triton" in gone.json()["detail"], gone.text
+        assert gone.headers["Retry-After"]
     assert with_triton["tumor_probability"] == pytest.approx(in_process["tumor_probability"], abs=1e-5)
     assert with_triton["tumor_detected"] == in_process["tumor_detected"]
