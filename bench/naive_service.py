@@ -21,7 +21,7 @@ from PIL import Image
 
 from app.core.codecs import mask_to_rle
 from app.core.preprocessing import mask_to_input_size, preprocess_slice
-from training.train import build_model
+from training.networks import build_model
 
 card = json.loads((Path(os.environ.get("LGG_MODEL_DIR", "models")) / "model_card.json").read_text())
 size = card["input"]["size"]

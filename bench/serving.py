@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.core.codecs import decode_image
 from app.core.config import Settings
+from app.core.limits import ImageLimits
 from app.core.onnx_sessions import ModelCard, load_models, read_model_card
 from app.core.pipeline import Pipeline
 from bench.common import (
@@ -73,12 +74,13 @@ COLUMNS = [
 def measure_ceiling(slice_set: SliceSet, card: ModelCard, settings: Settings, shapes: list[LoadShape]) -> tuple:
     """(a): rows per concurrency, and the share of these slices the classifier passes to the segmenter."""
     pipeline = Pipeline(load_models(card, settings), settings.max_batch_size)
-    decoded = [decode_image(s.data, settings.max_pixels, s.content_type) for s in slice_set.slices]
+    limits = ImageLimits.from_settings(settings)
+    decoded = [decode_image(s.data, limits, s.content_type) for s in slice_set.slices]
     pass_share = sum(p.tumor_detected for p in pipeline.predict_batch(decoded)) / len(decoded)
 
     def one_slice(index: int) -> int:
         s = slice_set.slices[index]
-        pipeline.predict_batch([decode_image(s.data, settings.max_pixels, s.content_type)])
+        pipeline.predict_batch([decode_image(s.data, limits, s.content_type)])
         return 1
 
     rows = []
@@ -137,9 +139,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def compute_per_slice(card: ModelCard, pass_share: float, tumor_share: float) -> list[dict]:
-    """Forward GFLOPs per slice, counted on the card's architectures (training.models.count_gflops)."""
-    from training.models import count_gflops
-    from training.train import build_model
+    """Forward GFLOPs per slice, counted on the card's architectures (training.networks.count_gflops)."""
+    from training.networks import build_model, count_gflops
 
     gflops = {}
     for kind in ("classifier", "segmenter"):

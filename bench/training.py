@@ -3,16 +3,17 @@
     python -m bench.training            # about 2 minutes on 2 cores
     python -m bench.training --quick    # smoke run, under a minute; its numbers mean nothing
 
-Each row adds one technique of the project's data path (training/train.py) to the row before, starting
+Each row adds one technique of the project's data path (training/fitting.py) to the row before, starting
 from the naive path, so every technique shows what it buys on this machine:
   naive               decode the image and mask files with PIL and preprocess them, sample by sample, every
                       step; augment sample by sample; float32; default (NCHW) memory format
   + cached arrays     the preprocessed arrays decoded once (training/dataset.py's cache), sliced per step
   + batched augment   augment_batch on the whole batch at once
-  + channels_last     model and inputs in channels_last: the project's path (train.py's defaults)
-  + autocast bf16     train.py --autocast bf16, measured and reported whatever it costs
-A step is: batch assembly, augmentation, forward, loss, backward, AdamW step; batch 16 at the model
-card's input size, width and blocks (random init: the timing does not depend on the weights).
+  + channels_last     model and inputs in channels_last: the project's path (the training defaults)
+  + autocast bf16     --autocast bf16, measured and reported whatever it costs
+A step is: batch assembly, augmentation, then training.fitting.training_loss (the real loss of the recipe),
+backward, AdamW step; batch 16 at the model card's input size, width and blocks (random init: the timing
+does not depend on the weights). `joint` is the recipe's network: the ResUNet with its classifier head.
 """
 
 import json
@@ -26,9 +27,9 @@ import numpy as np
 import torch
 
 from bench.common import bench_arguments, finish_report, print_table, start_report
-from training.dataset import SliceRecord, _decode, augment_batch, find_slices
-from training.losses import dice_bce_loss, weighted_bce_loss
-from training.train import build_model
+from training.dataset import SliceRecord, augment_batch, decode_record, find_slices
+from training.fitting import TrainConfig, training_loss
+from training.networks import build_model
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def load_data(data_dir: Path, size: int, count: int, seed: int, scratch: Path) -
         source = "SYNTHETIC phantoms (training/synthetic.py, webp), real data absent"
     everything = find_slices(data_dir)
     records = random.Random(seed).sample(everything, min(count, len(everything)))
-    decoded = [_decode((r, size)) for r in records]
+    decoded = [decode_record((r, size)) for r in records]
     return Data(
         records,
         np.stack([d[0] for d in decoded]),
@@ -85,7 +86,7 @@ def batch_tensors(data: Data, indices: np.ndarray, variant: Variant, size: int) 
     if variant.cached:
         images, masks = data.images[indices], data.target_masks[indices]
     else:
-        decoded = [_decode((data.records[i], size)) for i in indices]
+        decoded = [decode_record((data.records[i], size)) for i in indices]
         images, masks = np.stack([d[0] for d in decoded]), np.stack([d[1] for d in decoded])
     return torch.from_numpy(images.astype(np.float32)), torch.from_numpy(masks.astype(np.float32))
 
@@ -94,7 +95,8 @@ def time_steps(kind: str, card_model: dict, size: int, data: Data, variant: Vari
     """Median seconds per training step over `steps` timed steps, after one untimed warm-up step."""
     hyperparameters = card_model["training"]["hyperparameters"]
     torch.manual_seed(0)
-    model = build_model(kind, hyperparameters["width"], tuple(hyperparameters["blocks"])).train()
+    config = TrainConfig(model=kind, width=hyperparameters["width"], blocks=tuple(hyperparameters["blocks"]))
+    model = build_model(kind, config.width, config.blocks).train()
     if variant.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -114,11 +116,7 @@ def time_steps(kind: str, card_model: dict, size: int, data: Data, variant: Vari
         if variant.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.autocast_bf16):
-            logits = model(images)
-        if kind == "classifier":
-            loss = weighted_bce_loss(logits.float()[:, 0], labels, positive_weight)
-        else:
-            loss = dice_bce_loss(logits.float(), masks)
+            loss = training_loss(config, model, images, masks, labels, positive_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -146,10 +144,11 @@ def main() -> None:
         data = load_data(args.data, size, 8 * batch, 0, Path(scratch))
         print(f"slices: {data.source}; batch {batch} at {size}x{size}, torch threads {torch.get_num_threads()}\n")
         rows = []
-        for kind in ("classifier", "segmenter"):
+        for kind in ("classifier", "joint"):
             for variant in VARIANTS:
                 n = bf16_steps if variant.autocast_bf16 else steps
-                seconds = time_steps(kind, card["models"][kind], size, data, variant, batch, n)
+                card_model = card["models"]["classifier" if kind == "classifier" else "segmenter"]
+                seconds = time_steps(kind, card_model, size, data, variant, batch, n)
                 rows.append(
                     {
                         "model": kind,
@@ -174,7 +173,7 @@ def main() -> None:
     report["notes"] += [
         f"slices: {data.source}",
         f"bf16: this CPU {'has' if bf16_native else 'has NO'} native bf16 units (AVX512-BF16/AMX); "
-        "the project trains in fp32 here (train.py --autocast none is the default).",
+        "the project trains in fp32 here (--autocast none is the default).",
         "Networks are random-init with the model card's width and blocks: the step time does not depend on weights.",
     ]
     report |= {"input_size": size, "batch": batch, "rows": rows}

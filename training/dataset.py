@@ -111,7 +111,7 @@ class SliceCache:
         return np.flatnonzero(np.isin(self.patients, patients))
 
 
-def _decode(args: tuple[SliceRecord, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_record(args: tuple[SliceRecord, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     record, size = args
     image, mask = read_image(record.image_path), read_mask(record.mask_path)
     if image.shape[:2] != mask.shape:
@@ -133,7 +133,7 @@ def load_cache(root: Path, size: int, cache_dir: Path, workers: int = 2) -> Slic
             return SliceCache(**{name: data[name] for name in data.files})
     log.info("decoding %d slices of %d patients from %s", len(records), len({r.patient for r in records}), root)
     with Pool(workers) as pool:
-        decoded = pool.map(_decode, [(r, size) for r in records], chunksize=32)
+        decoded = pool.map(decode_record, [(r, size) for r in records], chunksize=32)
     shapes = {d[2].shape for d in decoded}
     if len(shapes) != 1:
         raise DatasetError(f"slices differ in size: {sorted(shapes)}; kaggle_3m slices are all 256x256")
