@@ -1,8 +1,9 @@
 """Bytes in, bytes out: decode uploaded slices to 8-bit arrays; encode masks (COCO RLE, PNG) and overlays.
 
 Decoding refuses what it cannot serve with an ImageRejected carrying the HTTP status:
-415 for a format other than TIFF/PNG/JPEG/WebP, 400 for empty or corrupt data, 413 for an image
-whose header announces more pixels than allowed (checked before any pixel is decoded).
+415 for a format other than DICOM/TIFF/PNG/JPEG/WebP, 400 for empty or corrupt data, 413 for an image
+whose header announces more pixels, a longer side or a thinner shape than allowed, or more pixel values
+than the request has left (all checked before any pixel is decoded). DICOM goes to app.core.dicom.
 """
 
 import base64
@@ -11,6 +12,8 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from app.core.dicom import decode_dicom_slice, is_dicom
+from app.core.limits import ACCEPTED_FORMATS, ImageLimits, ImageRejected, PixelBudget
 from app.core.preprocessing import CHANNEL_ORDER
 
 SUPPORTED_FORMATS = ("TIFF", "PNG", "JPEG", "WEBP")
@@ -20,13 +23,6 @@ GRAY_MODES = ("L", "LA", "La", "1")
 GENERIC_CONTENT_TYPES = ("", "application/octet-stream")
 OUTLINE_COLOR = (255, 32, 32)
 FLAIR_CHANNEL = CHANNEL_ORDER.index("FLAIR")
-
-
-class ImageRejected(ValueError):
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
 
 
 def window_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -47,14 +43,12 @@ def to_slice_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def decode_image(data: bytes, max_pixels: int, content_type: str | None = None) -> np.ndarray:
-    """Upload bytes -> uint8 slice (HxW or HxWx3) ready for preprocess_slice; raises ImageRejected."""
+def open_image(
+    data: bytes, limits: ImageLimits, content_type: str | None = None, budget: PixelBudget | None = None
+) -> Image.Image:
+    """A TIFF/PNG/JPEG/WebP upload's header, read and checked (size, shape, request budget); nothing decoded yet."""
     if not data:
         raise ImageRejected(400, "the file is empty")
-    from app.core.dicom import decode_dicom_slice, is_dicom  # late: app.core.dicom imports ImageRejected from here
-
-    if is_dicom(data, content_type):
-        return decode_dicom_slice(data, max_pixels)
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError as error:
@@ -62,24 +56,45 @@ def decode_image(data: bytes, max_pixels: int, content_type: str | None = None) 
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         declared = (content_type or "").split(";")[0].strip().lower()
         if declared not in GENERIC_CONTENT_TYPES and not declared.startswith("image/"):
-            raise ImageRejected(415, f"unsupported file type {declared!r}; send TIFF, PNG, JPEG or WebP") from error
-        raise ImageRejected(400, "the file is not a decodable image (expected TIFF, PNG, JPEG or WebP)") from error
+            raise ImageRejected(415, f"unsupported file type {declared!r}; send {ACCEPTED_FORMATS}") from error
+        raise ImageRejected(400, f"the file is not a decodable image (expected {ACCEPTED_FORMATS})") from error
+    if image.format not in SUPPORTED_FORMATS:
+        image.close()
+        raise ImageRejected(415, f"{image.format} images are not supported; send {ACCEPTED_FORMATS}")
+    width, height = image.size
+    try:
+        limits.check_image(width, height)
+        if budget is not None:
+            budget.charge(width * height * (1 if image.mode in WIDE_MODES + GRAY_MODES else 3), "this image")
+    except ImageRejected:
+        image.close()
+        raise
+    return image
+
+
+def image_pixels(image: Image.Image) -> np.ndarray:
+    """Decode an opened image -> uint8 slice (HxW or HxWx3); closes it."""
     with image:
-        if image.format not in SUPPORTED_FORMATS:
-            raise ImageRejected(415, f"{image.format} images are not supported; send TIFF, PNG, JPEG or WebP")
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageRejected(
-                413,
-                f"image is {width} x {height} = {width * height} pixels, more than the limit of {max_pixels}; "
-                "refused before decoding",
-            )
         try:
             image.load()
             return to_slice_array(image)
         # Pillow's decoders raise many exception types on corrupt data; all of them mean "bad file", not a bug.
         except Exception as error:
             raise ImageRejected(400, f"cannot decode this {image.format} file: {error}") from error
+
+
+def decode_image(
+    data: bytes, limits: ImageLimits, content_type: str | None = None, budget: PixelBudget | None = None
+) -> np.ndarray:
+    """Upload bytes (DICOM or TIFF/PNG/JPEG/WebP) -> uint8 slice (HxW or HxWx3) for preprocess_slice.
+
+    `budget` is the request's decoded-pixel budget (a fresh one of limits.max_request_pixels when None).
+    Raises ImageRejected (400/413/415, 503 when every DICOM decoder is busy).
+    """
+    budget = budget or PixelBudget(limits.max_request_pixels)
+    if data and is_dicom(data, content_type):
+        return decode_dicom_slice(data, limits, budget)
+    return image_pixels(open_image(data, limits, content_type, budget))
 
 
 def mask_to_rle(mask: np.ndarray) -> dict:

@@ -48,6 +48,21 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(256, ge=1, description="Most files in one /v1/predict/batch request.")
     max_batch_bytes: int = Field(256 * MiB, ge=1, description="Largest /v1/predict/batch request body.")
     max_pixels: int = Field(4096 * 4096, ge=1, description="Largest image (width x height), checked before decoding.")
+    max_side: int = Field(8192, ge=1, description="Longest image side in pixels, checked before decoding.")
+    max_aspect_ratio: float = Field(16.0, ge=1, description="Most elongated image (long side / short side) accepted.")
+    max_request_pixels: int = Field(
+        64 * MiB,
+        ge=1,
+        description="Decoded pixel values (width x height x samples x frames) one request may hold, all files "
+        "together; charged from each file's declared size before it is decoded.",
+    )
+    decode_workers: int = Field(
+        2, ge=1, description="Worker processes decoding compressed DICOM pixel data (a native crash kills one)."
+    )
+    decode_timeout_s: float = Field(20.0, gt=0, description="Longest decode of one compressed DICOM file.")
+    decode_memory_bytes: int = Field(
+        1024 * MiB, ge=256 * MiB, description="Address-space limit (RLIMIT_AS) of each DICOM decoder worker."
+    )
 
     api_key: SecretStr | None = Field(None, description="When set, every route but health and metrics requires it.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

@@ -19,24 +19,46 @@ kaggle_3m training slices are 8-bit already, windowed by their publishers for di
 
 Pixel data are decoded by pydicom with the plugins installed beside it (pydicom itself: uncompressed,
 deflated, RLE; Pillow: JPEG baseline/extended, JPEG 2000; pyjpegls: JPEG-LS; python-gdcm: JPEG lossless
-and the rest). A transfer syntax none of them decodes is refused with 415.
+and the rest). A transfer syntax none of them decodes is refused with 415. Uncompressed, deflated and RLE
+data are decoded here (numpy and pure Python); every other syntax goes to a native decoder, run in a
+supervised worker process (app.core.decode_pool) so a decoder that aborts costs one request.
+
+Before anything is inflated or decoded, the header's declared sizes (Rows, Columns, NumberOfFrames,
+SamplesPerPixel, BitsAllocated) are read through app.core.dicom_attributes, checked against the limits
+(app.core.limits) and against the pixel data's length; a deflated file is inflated only up to what its
+header declares.
+
+Entry points: read_dicom (every frame, with geometry) and decode_dicom_slice (single-slice routes).
 
 Privacy: nothing here logs, pydicom's value validation (whose warnings quote values) is off, and error
 messages name only technical attributes (transfer syntax, sizes), never a patient attribute.
 """
 
 import io
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
 import pydicom.config
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID
+from pydicom.tag import Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
 
-from app.core.codecs import ImageRejected
+from app.core.decode_pool import decoder_pool
+from app.core.dicom_attributes import (
+    first_number,
+    frame_attribute,
+    integer,
+    numbers,
+    parse_everything,
+    text,
+    value_of,
+)
+from app.core.limits import ImageLimits, ImageRejected, PixelBudget
 
 # pydicom's value validation warns, and logs, with the offending value quoted: a malformed patient name or
 # birth date would end up in the service's logs. Values are never validated here; pixel data still are.
@@ -45,9 +67,16 @@ pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
 DICOM_CONTENT_TYPES = ("application/dicom", "application/dicom+octet-stream")
 PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+PIXEL_DATA_TAGS = {Tag(keyword) for keyword in PIXEL_DATA_KEYWORDS}
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420")
 PERCENTILE_WINDOW = (0.5, 99.5)
+BITS_ALLOCATED = (1, 8, 16, 32, 64)
+ITEM_TAG = b"\xfe\xff\x00\xe0"  # how encapsulated (compressed) pixel data start, little endian
+# Pure Python / numpy decoders: cannot abort the process, so they run in the request's thread.
+IN_PROCESS_SYNTAXES = (RLELossless,)
+HEADER_PEEK_BYTES = 1 << 20  # of a deflated dataset, inflated to read the declared sizes first
+HEADER_SLACK_BYTES = 1 << 20  # what a deflated file may hold beside its declared pixel data
 
 
 @dataclass(frozen=True)
@@ -72,16 +101,33 @@ class DicomImage:
 
     @property
     def sop_instance_uid(self) -> str:
-        return str(self.dataset.get("SOPInstanceUID", ""))
+        return text(self.dataset, "SOPInstanceUID")
 
     @property
     def series_instance_uid(self) -> str:
-        return str(self.dataset.get("SeriesInstanceUID", ""))
+        return text(self.dataset, "SeriesInstanceUID")
+
+
+@dataclass(frozen=True)
+class PixelLayout:
+    """The image a header declares, validated: what decoding it will produce."""
+
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+    bits_allocated: int
+    photometric: str
 
     @property
-    def instance_number(self) -> int | None:
-        value = self.dataset.get("InstanceNumber")
-        return int(value) if value not in (None, "") else None
+    def values(self) -> int:
+        return self.rows * self.columns * self.frames * self.samples
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of uncompressed pixel data (YBR_FULL_422 stores 2 values per pixel instead of 3)."""
+        values = self.values * 2 // 3 if self.photometric == "YBR_FULL_422" else self.values
+        return (values * self.bits_allocated + 7) // 8
 
 
 def is_dicom(data: bytes, content_type: str | None = None) -> bool:
@@ -90,38 +136,13 @@ def is_dicom(data: bytes, content_type: str | None = None) -> bool:
     return data[128:132] == b"DICM" or declared in DICOM_CONTENT_TYPES
 
 
-def frame_attribute(
-    dataset: Dataset, frame_index: int, group: str, keyword: str, top_level: bool = True
-) -> object | None:
-    """An attribute of one frame: its per-frame functional group, the shared one, then (if asked) the top level."""
-    lookups = (("PerFrameFunctionalGroupsSequence", frame_index), ("SharedFunctionalGroupsSequence", 0))
-    for groups_keyword, index in lookups:
-        groups = dataset.get(groups_keyword)
-        if groups is None or len(groups) <= index:
-            continue
-        items = groups[index].get(group)
-        if items and keyword in items[0]:
-            return items[0].get(keyword)
-    return dataset.get(keyword) if top_level else None
+def transfer_syntax(dataset: Dataset) -> UID:
+    meta = getattr(dataset, "file_meta", None)
+    return UID(text(meta, "TransferSyntaxUID", ExplicitVRLittleEndian) if meta is not None else ExplicitVRLittleEndian)
 
 
-def first_number(value: object) -> float | None:
-    """DS/IS values, possibly multi-valued or empty -> the first as a float (None when absent or unreadable)."""
-    if isinstance(value, MultiValue | list | tuple):
-        value = value[0] if len(value) else None
-    try:
-        return None if value in (None, "") else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def numbers(value: object, count: int) -> tuple[float, ...] | None:
-    """A multi-valued DS with exactly `count` finite numbers, else None."""
-    try:
-        result = tuple(float(v) for v in value)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        return None
-    return result if len(result) == count and all(np.isfinite(result)) else None
+def syntax_name(syntax: UID) -> str:
+    return syntax.name if syntax.is_transfer_syntax else "an unknown transfer syntax"
 
 
 def rescale(values: np.ndarray, dataset: Dataset, frame_index: int) -> tuple[np.ndarray, bool]:
@@ -148,16 +169,19 @@ def voi_window(values: np.ndarray, center: float, width: float, function: str) -
 
 def percentile_window(values: np.ndarray) -> np.ndarray:
     """Linear window from the 0.5th to the 99.5th percentile, clipped; a flat slice becomes 0."""
-    low, high = np.percentile(values, PERCENTILE_WINDOW)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros(values.shape, np.uint8)
+    low, high = np.percentile(finite, PERCENTILE_WINDOW)
     if high <= low:
         return np.zeros(values.shape, np.uint8)
-    return np.clip(np.round((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+    scaled = np.nan_to_num((values - low) * (255.0 / (high - low)), nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
-def to_uint8(stored: np.ndarray, dataset: Dataset, frame_index: int) -> np.ndarray:
+def to_uint8(stored: np.ndarray, dataset: Dataset, frame_index: int, photometric: str) -> np.ndarray:
     """One frame's stored values -> the 8-bit slice (see the module docstring for the rules)."""
     values, rescaled = rescale(stored, dataset, frame_index)
-    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric in MONOCHROME:
         center = first_number(frame_attribute(dataset, frame_index, "FrameVOILUTSequence", "WindowCenter"))
         width = first_number(frame_attribute(dataset, frame_index, "FrameVOILUTSequence", "WindowWidth"))
@@ -175,50 +199,155 @@ def to_uint8(stored: np.ndarray, dataset: Dataset, frame_index: int) -> np.ndarr
     return percentile_window(values)
 
 
-def parse_dicom(data: bytes) -> Dataset:
-    """Read the header and pixel bytes (not yet decoded); raises ImageRejected 400 on unreadable files."""
-    try:
-        return pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+def corrupt_header() -> ImageRejected:
     # pydicom raises many types on corrupt headers; their messages may quote element values, so none is echoed.
+    return ImageRejected(400, "the DICOM file is truncated or corrupt: its header cannot be read")
+
+
+def inflate_deflated(data: bytes, limits: ImageLimits, budget: PixelBudget) -> bytes:
+    """A Deflated Explicit VR file -> the same file uncompressed, inflated no further than its header declares."""
+    stream = io.BytesIO(data)
+    try:
+        preamble = read_preamble(stream, force=True) or b""
+        meta = _read_file_meta_info(stream)  # pydicom's own reader; public only for paths
     except Exception as error:
-        raise ImageRejected(400, "the DICOM file is truncated or corrupt: its header cannot be read") from error
+        raise corrupt_header() from error
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        head = inflater.decompress(data[stream.tell() :], HEADER_PEEK_BYTES)
+        header = read_dataset(io.BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag in PIXEL_DATA_TAGS)
+        parse_everything(header)
+    except ImageRejected:
+        raise
+    except Exception as error:
+        raise corrupt_header() from error
+    layout = declared_layout(header, limits)
+    budget.check(layout.values, "this DICOM file")
+    cap = layout.stored_bytes + HEADER_SLACK_BYTES
+    parts, size, pending = [head], len(head), inflater.unconsumed_tail
+    try:
+        while pending and not inflater.eof:
+            part = inflater.decompress(pending, HEADER_PEEK_BYTES)
+            size += len(part)
+            if size > cap:
+                raise ImageRejected(
+                    413, f"the deflated DICOM file inflates to more than the {cap} bytes its header declares"
+                )
+            parts.append(part)
+            pending = inflater.unconsumed_tail
+    except zlib.error as error:
+        raise ImageRejected(400, "the deflated DICOM data are corrupt (zlib cannot inflate them)") from error
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what the bytes are once inflated
+    out = io.BytesIO()
+    out.write(preamble.ljust(128, b"\0")[:128] + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=False)
+    return out.getvalue() + b"".join(parts)
 
 
-def count_frames(dataset: Dataset, max_pixels: int) -> int:
-    """Refuse before decoding what cannot or must not be decoded; returns the number of frames."""
+def parse_dicom(data: bytes, limits: ImageLimits, budget: PixelBudget) -> Dataset:
+    """Read the header and pixel bytes (not yet decoded); raises ImageRejected 400 on unreadable files."""
+    part10 = data[128:132] == b"DICM"
+    if part10 and meta_transfer_syntax(data) == DeflatedExplicitVRLittleEndian:
+        data = inflate_deflated(data, limits, budget)
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=not part10)
+    except Exception as error:
+        raise corrupt_header() from error
+    parse_everything(dataset)
+    return dataset
+
+
+def meta_transfer_syntax(data: bytes) -> str:
+    """The file meta's transfer syntax UID, '' when unreadable."""
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, force=True)
+        return text(_read_file_meta_info(stream), "TransferSyntaxUID")
+    except Exception:
+        return ""
+
+
+def image_layout(dataset: Dataset, limits: ImageLimits, single_frame: bool = False) -> PixelLayout:
+    """A parsed file's declared image (see declared_layout); 400 when it has no pixel data at all."""
     if not any(keyword in dataset for keyword in PIXEL_DATA_KEYWORDS):
         raise ImageRejected(400, "the DICOM file has no pixel data (not an image instance)")
-    syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", pydicom.uid.ExplicitVRLittleEndian)))
-    try:
-        decodable = get_decoder(syntax).is_available
-    except NotImplementedError:  # pydicom knows no decoder at all for this UID
-        decodable = False
-    if not decodable:
-        name = syntax.name if syntax.is_transfer_syntax else "an unknown transfer syntax"
-        raise ImageRejected(
-            415,
-            f"cannot decode DICOM pixel data compressed as {name} ({syntax}) with the installed decoders; "
-            "send it uncompressed, RLE, JPEG, JPEG-LS or JPEG 2000",
-        )
-    photometric = str(dataset.get("PhotometricInterpretation", ""))
+    frames = integer(dataset, "NumberOfFrames", 1)
+    if single_frame and frames is not None and frames > 1:
+        raise ImageRejected(400, f"this DICOM file holds {frames} frames: post it to /v1/series")
+    return declared_layout(dataset, limits)
+
+
+def declared_layout(dataset: Dataset, limits: ImageLimits) -> PixelLayout:
+    """The image the header declares, refused (400/413/415) when invalid or over the limits; nothing decoded."""
+    photometric = text(dataset, "PhotometricInterpretation")
     if photometric not in MONOCHROME + COLOR:
         raise ImageRejected(
             415,
             f"DICOM photometric interpretation {photometric or '(none)'!r} is not supported; "
             "send MONOCHROME1, MONOCHROME2 or RGB",
         )
+    samples = integer(dataset, "SamplesPerPixel", 1, allowed=(1, 3))
+    if samples != (1 if photometric in MONOCHROME else 3):
+        raise ImageRejected(400, f"the DICOM file is malformed: {samples} samples per pixel for {photometric}")
+    rows = integer(dataset, "Rows", allowed=range(0, 1 << 16))
+    columns = integer(dataset, "Columns", allowed=range(0, 1 << 16))
+    bits = integer(dataset, "BitsAllocated", allowed=BITS_ALLOCATED)
+    if rows is None or columns is None or bits is None:
+        raise ImageRejected(400, "the DICOM file is malformed: Rows, Columns or BitsAllocated is missing")
+    integer(dataset, "BitsStored", bits, allowed=range(1, bits + 1))
+    integer(dataset, "PixelRepresentation", 0, allowed=(0, 1))
+    integer(dataset, "PlanarConfiguration", 0, allowed=(0, 1))
+    frames = integer(dataset, "NumberOfFrames", 1, allowed=range(1, 1 << 31))
+    limits.check_image(columns, rows, "DICOM image")
+    if frames > limits.max_frames:
+        raise ImageRejected(413, f"the DICOM file holds {frames} frames, more than the limit of {limits.max_frames}")
+    return PixelLayout(rows, columns, frames, samples, bits, photometric)
+
+
+def check_pixel_data(dataset: Dataset, layout: PixelLayout) -> UID:
+    """Refuse before decoding what cannot or must not be decoded; returns the transfer syntax."""
+    present = [keyword for keyword in PIXEL_DATA_KEYWORDS if keyword in dataset]
+    syntax = transfer_syntax(dataset)
     try:
-        rows, columns = int(dataset.get("Rows") or 0), int(dataset.get("Columns") or 0)
-        frames = int(first_number(dataset.get("NumberOfFrames")) or 1)
-    except Exception as error:  # a corrupt header element
-        raise ImageRejected(400, "the DICOM file is corrupt: its image size cannot be read") from error
-    if rows < 1 or columns < 1 or frames < 1:
-        raise ImageRejected(400, f"the DICOM file declares an empty image ({rows} rows, {columns} columns)")
-    if rows * columns > max_pixels:
+        decodable = get_decoder(syntax).is_available
+    except NotImplementedError:  # pydicom knows no decoder at all for this UID
+        decodable = False
+    if not decodable:
         raise ImageRejected(
-            413, f"DICOM image is {columns} x {rows} = {rows * columns} pixels, more than the limit of {max_pixels}"
+            415,
+            f"cannot decode DICOM pixel data compressed as {syntax_name(syntax)} ({syntax}) with the installed "
+            "decoders; send it uncompressed, RLE, JPEG, JPEG-LS or JPEG 2000",
         )
-    return frames
+    pixel_bytes = value_of(dataset, present[0])
+    if not isinstance(pixel_bytes, bytes):
+        raise ImageRejected(400, "the DICOM file is malformed: its pixel data are not bytes")
+    if syntax.is_encapsulated:
+        if not pixel_bytes.startswith(ITEM_TAG):
+            raise ImageRejected(400, f"the DICOM pixel data are not encapsulated as {syntax_name(syntax)} requires")
+    elif len(pixel_bytes) < layout.stored_bytes:
+        raise ImageRejected(
+            400,
+            f"the DICOM pixel data hold {len(pixel_bytes)} bytes, fewer than the {layout.stored_bytes} its header "
+            "declares: truncated or corrupt",
+        )
+    return syntax
+
+
+def decode_stored_pixels(data: bytes) -> np.ndarray:
+    """DICOM bytes -> pydicom's pixel array (YBR converted to RGB). Runs in a decoder worker process."""
+    return pydicom.dcmread(io.BytesIO(data), force=True).pixel_array
+
+
+def stored_pixels(data: bytes, dataset: Dataset, syntax: UID, limits: ImageLimits) -> np.ndarray:
+    if not syntax.is_compressed or syntax in IN_PROCESS_SYNTAXES:
+        try:
+            return dataset.pixel_array
+        except Exception as error:  # decoder errors on truncated or corrupt pixel data
+            raise ImageRejected(
+                400, f"cannot decode the DICOM pixel data ({syntax_name(syntax)}): truncated or corrupt"
+            ) from error
+    pool = decoder_pool(limits.decode_workers, limits.decode_timeout_s, limits.decode_memory_bytes)
+    return pool.decode(data, syntax_name(syntax))
 
 
 def frame_geometry(dataset: Dataset, index: int, frames: int) -> dict:
@@ -239,26 +368,44 @@ def frame_geometry(dataset: Dataset, index: int, frames: int) -> dict:
     }
 
 
-def decode_frames(dataset: Dataset, frames: int) -> DicomImage:
+@dataclass(frozen=True)
+class OpenedDicom:
+    """A DICOM file parsed and checked, its pixel values charged to the request; not yet decoded."""
+
+    data: bytes
+    dataset: Dataset
+    layout: PixelLayout
+    syntax: UID
+
+
+def open_dicom(data: bytes, limits: ImageLimits, budget: PixelBudget, single_frame: bool = False) -> OpenedDicom:
+    """Parse and check a DICOM file (header, declared sizes, pixel data length) and charge `budget`; no decoding.
+
+    single_frame: a single-slice route's file, refused (400) when it holds several frames.
+    """
+    dataset = parse_dicom(data, limits, budget)
+    layout = image_layout(dataset, limits, single_frame)
+    syntax = check_pixel_data(dataset, layout)
+    budget.charge(layout.values, "this DICOM file")
+    return OpenedDicom(data, dataset, layout, syntax)
+
+
+def decode_dicom(opened: OpenedDicom, limits: ImageLimits) -> DicomImage:
     """Decode the pixel data, window every frame to 8 bits, and drop the pixel bytes from the dataset."""
-    try:
-        stored = dataset.pixel_array  # YBR is converted to RGB here
-    except Exception as error:  # decoder errors on truncated or corrupt pixel data
-        syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
-        raise ImageRejected(
-            400, f"cannot decode the DICOM pixel data ({syntax.name or 'unknown syntax'}): truncated or corrupt"
-        ) from error
-    if frames == 1:  # pydicom drops the frame axis of single-frame data
+    dataset, layout = opened.dataset, opened.layout
+    stored = stored_pixels(opened.data, dataset, opened.syntax, limits)
+    if layout.frames == 1:  # pydicom drops the frame axis of single-frame data
         stored = stored[None]
-    if stored.ndim != (4 if int(dataset.get("SamplesPerPixel") or 1) > 1 else 3) or len(stored) != frames:
-        raise ImageRejected(400, f"the DICOM pixel data do not match the declared {frames} frame(s)")
+    expected = (layout.frames, layout.rows, layout.columns) + ((3,) if layout.samples == 3 else ())
+    if stored.shape != expected:
+        raise ImageRejected(400, f"the DICOM pixel data do not match the declared {layout.frames} frame(s)")
     decoded = [
         DicomFrame(
-            pixels=to_uint8(stored[index], dataset, index),
+            pixels=to_uint8(stored[index], dataset, index, layout.photometric),
             frame_number=index + 1 if "NumberOfFrames" in dataset else None,
-            **frame_geometry(dataset, index, frames),
+            **frame_geometry(dataset, index, layout.frames),
         )
-        for index in range(frames)
+        for index in range(layout.frames)
     ]
     for keyword in PIXEL_DATA_KEYWORDS:  # a SEG only references the source; the bytes are not needed again
         if keyword in dataset:
@@ -266,19 +413,15 @@ def decode_frames(dataset: Dataset, frames: int) -> DicomImage:
     return DicomImage(dataset, decoded)
 
 
-def read_dicom(data: bytes, max_pixels: int, max_frames: int) -> DicomImage:
-    """DICOM bytes -> every frame as an 8-bit slice with its geometry; raises ImageRejected (400/413/415)."""
-    dataset = parse_dicom(data)
-    frames = count_frames(dataset, max_pixels)
-    if frames > max_frames:
-        raise ImageRejected(413, f"the DICOM file holds {frames} frames, more than the limit of {max_frames}")
-    return decode_frames(dataset, frames)
+def read_dicom(data: bytes, limits: ImageLimits, budget: PixelBudget | None = None) -> DicomImage:
+    """DICOM bytes -> every frame as an 8-bit slice with its geometry; raises ImageRejected (400/413/415/503).
+
+    `budget` is the request's: the file's declared pixel values are charged to it before decoding.
+    """
+    return decode_dicom(open_dicom(data, limits, budget or PixelBudget(limits.max_request_pixels)), limits)
 
 
-def decode_dicom_slice(data: bytes, max_pixels: int) -> np.ndarray:
+def decode_dicom_slice(data: bytes, limits: ImageLimits, budget: PixelBudget | None = None) -> np.ndarray:
     """A single-slice route's DICOM: exactly one frame -> uint8 slice; several frames belong to /v1/series."""
-    dataset = parse_dicom(data)
-    frames = count_frames(dataset, max_pixels)
-    if frames > 1:
-        raise ImageRejected(400, f"this DICOM file holds {frames} frames: post it to /v1/series")
-    return decode_frames(dataset, frames).frames[0].pixels
+    opened = open_dicom(data, limits, budget or PixelBudget(limits.max_request_pixels), single_frame=True)
+    return decode_dicom(opened, limits).frames[0].pixels

@@ -8,26 +8,47 @@ Order: DICOM frames by their ImagePositionPatient projected on the slice normal 
 cosines of ImageOrientationPatient), else by InstanceNumber (then frame number); plain images by the number
 in their file name. Slice spacing: the median distance between neighbouring positions, else
 SpacingBetweenSlices, else SliceThickness; with PixelSpacing it gives the voxel volume in mL.
+
+Integrity: DICOM files of one series must agree on SeriesInstanceUID, PatientID, StudyInstanceUID and
+FrameOfReferenceUID, and on geometry (orientation, pixel spacing, rows and columns); otherwise 400, since
+one tumor volume over two patients or two frames of reference would be a wrong clinical number.
+
+Limits: the zip's declared member sizes, then each file's declared image size, are checked before anything
+is unpacked or decoded; every file's pixels are charged to one request budget (ImageLimits.max_request_pixels).
 """
 
 import io
 import re
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
+from typing import TypeVar
 
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset
 
-from app.core.codecs import ImageRejected, decode_image
-from app.core.dicom import DicomFrame, count_frames, decode_frames, first_number, is_dicom, parse_dicom
+from app.core.codecs import image_pixels, open_image
+from app.core.config import Settings
+from app.core.dicom import DicomFrame, OpenedDicom, decode_dicom, is_dicom, open_dicom
+from app.core.dicom_attributes import first_number, text, value_of
+from app.core.limits import ImageLimits, ImageRejected, PixelBudget
 
+T = TypeVar("T")
 ZIP_MAGIC = b"PK\x03\x04"
 SLICE_NUMBER = re.compile(r"(\d+)\D*$")  # the last number in a file name's stem
 SAME_POSITION_MM = 1e-3
 SAME_ORIENTATION = 1e-3
+SAME_PIXEL_SPACING = 1e-3  # relative
+# What every file of one series must share (each names what a mix would mean).
+SHARED_UIDS = (
+    ("SeriesInstanceUID", "series"),
+    ("PatientID", "patients"),
+    ("StudyInstanceUID", "studies"),
+    ("FrameOfReferenceUID", "frames of reference"),
+)
 # 26-connectivity, as skimage.measure.label's default in 3-D that Buda et al.'s postprocessing uses.
-FULL_CONNECTIVITY = np.ones((3, 3, 3), bool)
 
 
 @dataclass(frozen=True)
@@ -39,10 +60,25 @@ class Upload:
 
 @dataclass(frozen=True)
 class SeriesLimits:
+    image: ImageLimits  # per image and per decode; image.max_request_pixels bounds all slices together
     max_slices: int
-    max_pixels: int  # per slice
-    max_total_pixels: int  # all slices, counted before DICOM pixel data are decoded
-    max_total_bytes: int  # what the uploads may unpack to
+    max_total_bytes: int  # what the uploads may unpack to, all together
+    max_member_bytes: int  # one file unpacked from a zip (as one uploaded file)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "SeriesLimits":
+        # A series is a batch of slices: the batch route's caps apply to it; a zip's member to one uploaded file's.
+        return cls(
+            image=ImageLimits.from_settings(settings),
+            max_slices=settings.max_batch_files,
+            max_total_bytes=settings.max_batch_bytes,
+            max_member_bytes=settings.max_upload_bytes,
+        )
+
+    @property
+    def max_pixels(self) -> int:
+        """Per slice (width x height)."""
+        return self.image.max_pixels
 
 
 @dataclass(frozen=True)
@@ -86,6 +122,10 @@ def expand_zip(upload: Upload, limits: SeriesLimits) -> list[Upload]:
             if unpacked > limits.max_total_bytes:
                 detail = f"{upload.filename}: unpacks to {unpacked} bytes, more than {limits.max_total_bytes}"
                 raise ImageRejected(413, detail)
+            largest = max(members, key=lambda m: m.file_size, default=None)
+            if largest is not None and largest.file_size > limits.max_member_bytes:
+                size, limit = largest.file_size, limits.max_member_bytes
+                raise ImageRejected(413, f"{upload.filename}: a file unpacks to {size} bytes, more than {limit}")
             # Reads stop at each member's declared size, so a lying header cannot unpack more than announced.
             return [Upload(PurePosixPath(m.filename).name, archive.read(m)) for m in members]
     except ImageRejected:
@@ -111,55 +151,66 @@ def read_series(uploads: list[Upload], limits: SeriesLimits) -> Series:
     dicom = [is_dicom(f.data, f.content_type) for f in files]
     if any(dicom) and not all(dicom):
         raise ImageRejected(400, "a series is either all DICOM or all plain images; this request mixes both")
-    series = read_dicom_series(files, limits) if all(dicom) else read_image_series(files, limits)
+    budget = PixelBudget(limits.image.max_request_pixels)
+    series = read_dicom_series(files, limits, budget) if all(dicom) else read_image_series(files, limits, budget)
     shapes = {s.pixels.shape for s in series.slices}
     if len(shapes) > 1:
         raise ImageRejected(400, f"the slices differ in size ({sorted(shapes)}); a series is one stack")
     return series
 
 
-def read_image_series(files: list[Upload], limits: SeriesLimits) -> Series:
-    numbered: dict[int, SeriesSlice] = {}
-    total_pixels = 0
-    for upload in files:
-        match = SLICE_NUMBER.search(PurePosixPath(upload.filename or "").stem)
-        if match is None and len(files) > 1:
-            raise ImageRejected(400, f"{upload.filename!r}: no slice number at the end of the file name")
-        number = int(match.group(1)) if match else 0
-        if number in numbered:
-            raise ImageRejected(400, f"{upload.filename!r} and {numbered[number].filename!r} are both slice {number}")
-        try:
-            pixels = decode_image(upload.data, limits.max_pixels, upload.content_type)
-        except ImageRejected as error:
-            raise ImageRejected(error.status_code, f"{upload.filename}: {error.detail}") from error
-        total_pixels += pixels.size
-        if total_pixels > limits.max_total_pixels:
-            raise ImageRejected(413, f"the slices hold more than {limits.max_total_pixels} pixel values in all")
-        numbered[number] = SeriesSlice(pixels, upload.filename)
-    ordered = [numbered[n] for n in sorted(numbered)]
+def read_image_series(files: list[Upload], limits: SeriesLimits, budget: PixelBudget) -> Series:
+    """Every header first (sizes charged to the request's budget), then the pixels: too much is refused undecoded."""
+    numbered: dict[int, tuple[Upload, Image.Image]] = {}
+    try:
+        for upload in files:
+            match = SLICE_NUMBER.search(PurePosixPath(upload.filename or "").stem)
+            if match is None and len(files) > 1:
+                raise ImageRejected(400, f"{upload.filename!r}: no slice number at the end of the file name")
+            number = int(match.group(1)) if match else 0
+            if number in numbered:
+                other = numbered[number][0].filename
+                raise ImageRejected(400, f"{upload.filename!r} and {other!r} are both slice {number}")
+            image = named(upload, open_image, upload.data, limits.image, upload.content_type, budget)
+            numbered[number] = (upload, image)
+        ordered = [
+            SeriesSlice(named(upload, image_pixels, image), upload.filename)
+            for upload, image in (numbered.pop(n) for n in sorted(numbered))
+        ]
+    finally:
+        for _, image in numbered.values():  # those not decoded when one was refused
+            image.close()
     return Series(ordered, "filename" if len(ordered) > 1 else "single slice", sources=[])
 
 
-def read_dicom_series(files: list[Upload], limits: SeriesLimits) -> Series:
-    """Decode every DICOM file, check they form one series, and order their frames along the slice normal."""
+def named(upload: Upload, function: Callable[..., T], *args: object) -> T:
+    """function(*args), with the file's name put before the message of an ImageRejected it raises."""
+    try:
+        return function(*args)
+    except ImageRejected as error:
+        raise ImageRejected(error.status_code, f"{upload.filename}: {error.detail}") from error
+
+
+def read_dicom_series(files: list[Upload], limits: SeriesLimits, budget: PixelBudget) -> Series:
+    """Check every file's header and the series' integrity first, then decode, then order along the slice normal."""
+    opened: list[OpenedDicom] = []
+    frame_count = 0
+    for upload in files:
+        left = limits.max_slices - frame_count
+        if left < 1:
+            raise ImageRejected(413, f"{upload.filename}: the series holds more than {limits.max_slices} frames")
+        image_limits = replace(limits.image, max_frames=min(limits.image.max_frames, left))
+        opened.append(named(upload, open_dicom, upload.data, image_limits, budget))
+        frame_count += opened[-1].layout.frames
+    check_one_series([o.dataset for o in opened])
     sources: list[Dataset] = []
     frames: list[tuple[int, DicomFrame]] = []  # (source index, frame)
-    total_pixels = 0
-    for upload in files:
-        try:
-            dataset = parse_dicom(upload.data)
-            count = count_frames(dataset, limits.max_pixels)
-            total_pixels += count * int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("SamplesPerPixel", 1))
-            if len(frames) + count > limits.max_slices or total_pixels > limits.max_total_pixels:
-                raise ImageRejected(
-                    413, f"the series holds more than {limits.max_slices} frames or {limits.max_total_pixels} pixels"
-                )
-            image = decode_frames(dataset, count)
-        except ImageRejected as error:
-            raise ImageRejected(error.status_code, f"{upload.filename}: {error.detail}") from error
+    for upload, item in zip(files, opened, strict=True):
+        image = named(upload, decode_dicom, item, limits.image)
         frames += [(len(sources), frame) for frame in image.frames]
         sources.append(image.dataset)
-    check_one_series(sources)
+    del opened
+    check_one_geometry([frame for _, frame in frames])
     order, ordered_by, spacing_from_positions = order_frames(sources, frames)
     first = frames[order[0]][1]
     pixel_spacings = {f.pixel_spacing for _, f in frames}
@@ -174,7 +225,7 @@ def read_dicom_series(files: list[Upload], limits: SeriesLimits) -> Series:
         SeriesSlice(
             frame.pixels,
             filename=None,
-            sop_instance_uid=str(sources[source].get("SOPInstanceUID", "")) or None,
+            sop_instance_uid=text(sources[source], "SOPInstanceUID") or None,
             frame_number=frame.frame_number,
             source=source,
         )
@@ -184,7 +235,7 @@ def read_dicom_series(files: list[Upload], limits: SeriesLimits) -> Series:
         slices,
         ordered_by,
         sources,
-        # Differing pixel spacings would make one voxel volume wrong: then no volume in mL at all.
+        # Some frames without a pixel spacing: no volume in mL rather than a guess.
         pixel_spacing_mm=first.pixel_spacing if len(pixel_spacings) == 1 else None,
         slice_spacing_mm=slice_spacing,
         slice_spacing_from=spacing_from,
@@ -192,13 +243,29 @@ def read_dicom_series(files: list[Upload], limits: SeriesLimits) -> Series:
 
 
 def check_one_series(sources: list[Dataset]) -> None:
-    series_uids = {str(s.get("SeriesInstanceUID", "")) for s in sources}
-    if len(series_uids) > 1:
-        raise ImageRejected(400, f"the files belong to {len(series_uids)} different series; post one series")
-    sop_uids = [str(s.get("SOPInstanceUID", "")) for s in sources]
+    """One series of one patient, study and frame of reference (values never quoted: they may identify)."""
+    for keyword, what in SHARED_UIDS:
+        found = {text(s, keyword) for s in sources}
+        if len(found) > 1:
+            raise ImageRejected(
+                400, f"the files belong to {len(found)} different {what} ({keyword} differs); post one series"
+            )
+    sop_uids = [text(s, "SOPInstanceUID") for s in sources]
     repeated = {uid for uid in sop_uids if uid and sop_uids.count(uid) > 1}
     if repeated:
         raise ImageRejected(400, f"the same DICOM instance was sent more than once: {sorted(repeated)}")
+
+
+def check_one_geometry(frames: list[DicomFrame]) -> None:
+    """One stack: the same orientation and pixel spacing for every frame that declares them (sizes: read_series)."""
+    orientations = np.array([f.orientation for f in frames if f.orientation is not None], np.float64)
+    if 0 < len(orientations) < len(frames):
+        raise ImageRejected(400, "some slices have an ImageOrientationPatient and others not: not one stack")
+    if len(orientations) and np.abs(orientations - orientations[0]).max() > SAME_ORIENTATION:
+        raise ImageRejected(400, "the slices have different orientations: they are not one stack")
+    spacings = np.array([f.pixel_spacing for f in frames if f.pixel_spacing is not None], np.float64)
+    if len(spacings) and np.abs(spacings / spacings[0] - 1).max() > SAME_PIXEL_SPACING:
+        raise ImageRejected(400, "the slices have different pixel spacings: they are not one stack")
 
 
 def order_frames(sources: list[Dataset], frames: list[tuple[int, DicomFrame]]) -> tuple[list[int], str, float | None]:
@@ -208,9 +275,7 @@ def order_frames(sources: list[Dataset], frames: list[tuple[int, DicomFrame]]) -
     orientations = [f.orientation for _, f in frames]
     positions = [f.position for _, f in frames]
     if all(o is not None for o in orientations) and all(p is not None for p in positions):
-        orientation = np.array(orientations, np.float64)
-        if np.abs(orientation - orientation[0]).max() > SAME_ORIENTATION:
-            raise ImageRejected(400, "the slices have different orientations: they are not one stack")
+        orientation = np.array(orientations, np.float64)  # all equal: check_one_geometry
         normal = np.cross(orientation[0, :3], orientation[0, 3:])
         along_normal = np.array(positions, np.float64) @ normal
         order = np.argsort(along_normal, kind="stable")
@@ -222,7 +287,7 @@ def order_frames(sources: list[Dataset], frames: list[tuple[int, DicomFrame]]) -
                 "slice normal): the files hold more than one stack (echoes, repeats); post one",
             )
         return order.tolist(), "position", float(np.median(gaps))
-    instance_numbers = [first_number(s.get("InstanceNumber")) for s in sources]
+    instance_numbers = [first_number(value_of(s, "InstanceNumber")) for s in sources]
     if len(sources) > 1 and None in instance_numbers:
         raise ImageRejected(
             400, "cannot order the slices: some DICOM files have neither ImagePositionPatient nor InstanceNumber"
@@ -232,14 +297,3 @@ def order_frames(sources: list[Dataset], frames: list[tuple[int, DicomFrame]]) -
     if len(set(keys)) < len(keys):
         raise ImageRejected(400, "two DICOM files share an InstanceNumber and have no ImagePositionPatient")
     return sorted(range(len(frames)), key=keys.__getitem__), "instance_number", None
-
-
-def keep_largest_component(masks: np.ndarray) -> np.ndarray:
-    """Only the largest 26-connected tumor region across slices (Buda et al.'s 3-D postprocessing)."""
-    from scipy import ndimage  # imported here: seconds to import, and only this option needs it
-
-    labels, count = ndimage.label(masks, structure=FULL_CONNECTIVITY)
-    if count <= 1:
-        return masks
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == int(np.argmax(sizes)) + 1

@@ -8,11 +8,13 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid
 
-from app.core.codecs import ImageRejected, decode_image
+from app.core.codecs import decode_image
 from app.core.dicom import decode_dicom_slice, is_dicom, percentile_window, read_dicom
+from app.core.limits import ImageLimits, ImageRejected
 from tests.dicom.builders import CANARY_ID, CANARY_NAME, mr_slice, to_bytes
 
 MAX_PIXELS = 4096 * 4096
+LIMITS = ImageLimits(max_pixels=MAX_PIXELS)
 
 
 def single(pixels: np.ndarray, **options: object) -> Dataset:
@@ -22,12 +24,12 @@ def single(pixels: np.ndarray, **options: object) -> Dataset:
 
 
 def decoded(ds: Dataset) -> np.ndarray:
-    return decode_dicom_slice(to_bytes(ds), MAX_PIXELS)
+    return decode_dicom_slice(to_bytes(ds), LIMITS)
 
 
 def rejected(data: bytes, content_type: str | None = "application/dicom") -> ImageRejected:
     with pytest.raises(ImageRejected) as caught:
-        decode_image(data, MAX_PIXELS, content_type)
+        decode_image(data, LIMITS, content_type)
     assert CANARY_NAME.split("^")[0] not in caught.value.detail and CANARY_ID not in caught.value.detail
     return caught.value
 
@@ -111,13 +113,13 @@ def test_compressed_pixel_data_decode_to_the_same_slice(flair_volume: np.ndarray
 def test_image_decoder_dispatches_dicom_with_or_without_content_type(patient) -> None:
     data = to_bytes(single(patient.images[5, ..., 1]))
     for content_type in ("application/dicom", "application/octet-stream", None):
-        np.testing.assert_array_equal(decode_image(data, MAX_PIXELS, content_type), patient.images[5, ..., 1])
+        np.testing.assert_array_equal(decode_image(data, LIMITS, content_type), patient.images[5, ..., 1])
     assert is_dicom(data) and is_dicom(data[132:], "application/dicom") and not is_dicom(b"\x89PNG" + data[4:128])
 
 
 def test_multi_frame_file_on_a_single_slice_route_is_a_400(flair_volume: np.ndarray) -> None:
     ds = single(flair_volume[4:7], bits_stored=12, photometric="MONOCHROME2")  # 3 frames
-    assert len(read_dicom(to_bytes(ds), MAX_PIXELS, max_frames=10).frames) == 3
+    assert len(read_dicom(to_bytes(ds), LIMITS).frames) == 3
     error = rejected(to_bytes(ds))
     assert error.status_code == 400 and "/v1/series" in error.detail
 
@@ -163,7 +165,7 @@ def test_unsupported_photometric_interpretation_is_a_415(patient) -> None:
 def test_too_many_pixels_is_a_413_before_decoding(patient) -> None:
     data = to_bytes(single(patient.images[5, ..., 1]))
     with pytest.raises(ImageRejected) as caught:
-        decode_image(data, 100 * 100, "application/dicom")
+        decode_image(data, ImageLimits(max_pixels=100 * 100), "application/dicom")
     assert caught.value.status_code == 413
 
 

@@ -3,6 +3,7 @@
 import base64
 import io
 from collections.abc import Callable
+from copy import deepcopy
 
 import highdicom as hd
 import numpy as np
@@ -14,9 +15,10 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from app.core.dicom import decode_dicom_slice
-from app.core.series import keep_largest_component
+from app.core.limits import ImageLimits
+from app.core.postprocessing import keep_largest_component
 from tests.dicom.builders import AXIAL, OBLIQUE, changed, mr_series, mr_slice, slice_normal, to_bytes, zip_of
-from tests.dicom.conftest import PIXEL_SPACING_MM, SLICE_SPACING_MM, SLICES, multipart
+from tests.dicom.conftest import PIXEL_SPACING_MM, SIZE, SLICE_SPACING_MM, SLICES, multipart
 from tests.service.conftest import encode
 
 
@@ -178,7 +180,7 @@ def test_include_images_returns_the_8bit_flair_the_models_saw(
     body = post(dicom_client, multipart(series_files[:2]), include_images="true", mask_format="none")
     for data, item in zip(series_files[:2], body["slices"], strict=True):
         shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["image"]))))
-        np.testing.assert_array_equal(shown, decode_dicom_slice(data, 1 << 24))
+        np.testing.assert_array_equal(shown, decode_dicom_slice(data, ImageLimits()))
         assert item["mask"] is None
 
 
@@ -234,3 +236,35 @@ def test_series_needs_files(dicom_client: TestClient) -> None:
 
 def test_slice_normal_is_row_cross_column() -> None:
     assert slice_normal(AXIAL).tolist() == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("keyword", "first", "phrase"),
+    [
+        ("PatientID", "OTHER-PATIENT", "different patients (PatientID differs)"),
+        ("StudyInstanceUID", "1.2.3.4", "different studies (StudyInstanceUID differs)"),
+        ("FrameOfReferenceUID", "1.2.3.5", "different frames of reference (FrameOfReferenceUID differs)"),
+        ("PixelSpacing", [0.9, 0.9], "different pixel spacings"),
+        ("ImageOrientationPatient", None, "ImageOrientationPatient and others not"),
+    ],
+)
+def test_a_series_mixing_patients_studies_or_geometry_is_a_400(
+    dicom_client: TestClient, series_datasets: list[Dataset], keyword: str, first: object, phrase: str
+) -> None:
+    mixed = deepcopy(series_datasets[0])
+    if first is None:
+        delattr(mixed, keyword)
+    else:
+        setattr(mixed, keyword, first)
+    response = dicom_client.post("/v1/series", files=multipart([to_bytes(mixed), *map(to_bytes, series_datasets[1:4])]))
+    assert response.status_code == 400 and phrase in response.json()["detail"], response.text
+    assert "OTHER-PATIENT" not in response.text  # identifying values are never quoted
+
+
+def test_series_pixel_budget_is_the_request_pixel_setting(
+    make_dicom_client: Callable[..., TestClient], series_files: list[bytes]
+) -> None:
+    client = make_dicom_client(max_request_pixels=3 * SIZE * SIZE)  # three 128 x 128 slices
+    assert client.post("/v1/series", files=multipart(series_files[:3])).status_code == 200
+    response = client.post("/v1/series", files=multipart(series_files[:4]))
+    assert response.status_code == 413 and "decoded pixel values" in response.json()["detail"]

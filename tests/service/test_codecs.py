@@ -19,14 +19,16 @@ from app.core.codecs import (
     outline,
     overlay_png,
 )
+from app.core.limits import ImageLimits
 from tests.service.conftest import coco_decode, encode, synthetic_slice
 
 MAX_PIXELS = 4096 * 4096
+LIMITS = ImageLimits(max_pixels=MAX_PIXELS)
 
 
 def rejected(data: bytes, content_type: str | None = None, max_pixels: int = MAX_PIXELS) -> ImageRejected:
     with pytest.raises(ImageRejected) as caught:
-        decode_image(data, max_pixels, content_type)
+        decode_image(data, ImageLimits(max_pixels=max_pixels), content_type)
     return caught.value
 
 
@@ -42,21 +44,21 @@ def png_claiming(width: int, height: int) -> bytes:
 def test_lossless_rgb_formats_decode_exactly(image_format: str) -> None:
     image = synthetic_slice(200, 300)
     options = {"lossless": True} if image_format == "WEBP" else {}
-    decoded = decode_image(encode(image, image_format, **options), MAX_PIXELS)
+    decoded = decode_image(encode(image, image_format, **options), LIMITS)
     assert decoded.dtype == np.uint8
     np.testing.assert_array_equal(decoded, image)
 
 
 def test_jpeg_decodes_to_rgb_close_to_the_original() -> None:
     image = synthetic_slice()
-    decoded = decode_image(encode(image, "JPEG", quality=95), MAX_PIXELS)
+    decoded = decode_image(encode(image, "JPEG", quality=95), LIMITS)
     assert decoded.shape == image.shape
     assert np.abs(decoded.astype(int) - image).mean() < 4
 
 
 def test_single_channel_flair_stays_single_channel() -> None:
     flair = synthetic_slice()[..., 1]
-    decoded = decode_image(encode(flair), MAX_PIXELS)
+    decoded = decode_image(encode(flair), LIMITS)
     assert decoded.shape == flair.shape
     np.testing.assert_array_equal(decoded, flair)
 
@@ -64,7 +66,7 @@ def test_single_channel_flair_stays_single_channel() -> None:
 @pytest.mark.parametrize("image_format", ["PNG", "TIFF"])
 def test_16_bit_is_windowed_from_its_own_range_to_8_bits(image_format: str) -> None:
     wide = np.linspace(1000, 41000, 64 * 64).reshape(64, 64).astype(np.uint16)
-    decoded = decode_image(encode(wide, image_format), MAX_PIXELS)
+    decoded = decode_image(encode(wide, image_format), LIMITS)
     assert decoded.dtype == np.uint8 and decoded.shape == (64, 64)
     assert decoded.min() == 0 and decoded.max() == 255
     expected = np.round((wide.astype(float) - 1000) * 255 / 40000)
@@ -73,12 +75,12 @@ def test_16_bit_is_windowed_from_its_own_range_to_8_bits(image_format: str) -> N
 
 def test_alpha_and_palette_images_become_rgb() -> None:
     rgba = np.dstack([synthetic_slice(), np.full((256, 256), 255, np.uint8)])
-    np.testing.assert_array_equal(decode_image(encode(rgba), MAX_PIXELS), rgba[..., :3])
+    np.testing.assert_array_equal(decode_image(encode(rgba), LIMITS), rgba[..., :3])
     palette = Image.fromarray(synthetic_slice()).convert("P")
-    assert decode_image(encode(np.asarray(palette.convert("RGB"))), MAX_PIXELS).shape == (256, 256, 3)
+    assert decode_image(encode(np.asarray(palette.convert("RGB"))), LIMITS).shape == (256, 256, 3)
     buffer = io.BytesIO()
     palette.save(buffer, format="PNG")
-    assert decode_image(buffer.getvalue(), MAX_PIXELS).shape == (256, 256, 3)
+    assert decode_image(buffer.getvalue(), LIMITS).shape == (256, 256, 3)
 
 
 @pytest.mark.parametrize(
@@ -128,7 +130,7 @@ def test_decompression_bomb_is_refused_before_decoding(monkeypatch: pytest.Monke
 
 
 def test_image_at_the_pixel_limit_is_accepted() -> None:
-    assert decode_image(encode(np.zeros((100, 100), np.uint8)), 100 * 100).shape == (100, 100)
+    assert decode_image(encode(np.zeros((100, 100), np.uint8)), ImageLimits(max_pixels=100 * 100)).shape == (100, 100)
 
 
 def test_rle_matches_the_coco_example() -> None:

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from app.core.codecs import decode_image
+from app.core.limits import ImageLimits
 from app.core.preprocessing import preprocess_slice, to_three_channels
 from tests.training.conftest import SYNTHETIC, SyntheticData
 from training.dataset import (
@@ -65,7 +66,7 @@ def test_grayscale_image_is_taken_as_flair_and_replicated(tmp_path: Path) -> Non
 )
 def test_training_decodes_a_file_as_the_service_does(tmp_path: Path, name: str, pixels: np.ndarray) -> None:
     Image.fromarray(pixels).save(tmp_path / name)
-    served = to_three_channels(decode_image((tmp_path / name).read_bytes(), max_pixels=10**6))
+    served = to_three_channels(decode_image((tmp_path / name).read_bytes(), ImageLimits(max_pixels=10**6)))
     np.testing.assert_array_equal(read_image(tmp_path / name), served)
 
 

@@ -20,6 +20,7 @@ from app.core.codecs import (
     overlay_png,
 )
 from app.core.config import Settings
+from app.core.limits import ImageLimits, PixelBudget
 from app.core.onnx_sessions import ModelCard
 from app.core.pipeline import SlicePrediction
 
@@ -28,18 +29,20 @@ router = APIRouter(prefix="/predict", tags=["predict"])
 ERRORS = {
     code: {"model": ErrorBody, "description": description}
     for code, description in {
-        400: "Empty or undecodable image",
+        400: "Empty, malformed or undecodable image",
         401: "Missing or wrong API key",
-        413: "File, request or image dimensions too large",
-        415: "Not TIFF, PNG, JPEG or WebP",
+        413: "File, request, image dimensions or decoded pixels of the request too large",
+        415: "Not DICOM, TIFF, PNG, JPEG or WebP (or a DICOM compression no installed decoder reads)",
         422: "Missing or invalid field",
-        503: "Models still loading",
+        503: "Models still loading, or every DICOM decoder busy",
     }.items()
 }
 PNG_RESPONSE = {200: {"content": {"image/png": {}}, "description": "A PNG the size of the input slice."}}
 FileField = Annotated[
     UploadFile,
-    File(description="One slice: TIFF, PNG, JPEG or WebP; RGB in kaggle_3m channel order or single-channel FLAIR."),
+    File(
+        description="One slice: DICOM, TIFF, PNG, JPEG or WebP; RGB in kaggle_3m channel order or single-channel FLAIR."
+    ),
 ]
 MaskFormatQuery = Annotated[MaskFormat, Query(description="How to return the mask.")]
 
@@ -48,12 +51,15 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
-async def read_slice(upload: UploadFile, settings: Settings) -> np.ndarray:
-    """The upload's bytes, capped, decoded off the event loop; raises ImageRejected with the status to answer."""
+async def read_slice(upload: UploadFile, settings: Settings, budget: PixelBudget | None = None) -> np.ndarray:
+    """The upload's bytes, capped, decoded off the event loop; raises ImageRejected with the status to answer.
+
+    `budget`: the request's decoded-pixel budget when it has several files (one per call otherwise).
+    """
     data = await upload.read()
     if len(data) > settings.max_upload_bytes:
         raise ImageRejected(413, f"file is {len(data)} bytes, more than the limit of {settings.max_upload_bytes}")
-    return await run_in_threadpool(decode_image, data, settings.max_pixels, upload.content_type)
+    return await run_in_threadpool(decode_image, data, ImageLimits.from_settings(settings), upload.content_type, budget)
 
 
 def model_versions(card: ModelCard) -> ModelVersions:
@@ -163,9 +169,10 @@ async def predict_batch(
         raise HTTPException(413, detail)
     items = [BatchItem(filename=f.filename, status_code=200) for f in files]
     slices: dict[int, np.ndarray] = {}
+    budget = PixelBudget(settings.max_request_pixels)  # all files of the request together
     for index, upload in enumerate(files):
         try:
-            slices[index] = await read_slice(upload, settings)
+            slices[index] = await read_slice(upload, settings, budget)
         except ImageRejected as error:  # this file fails alone
             items[index].status_code, items[index].detail = error.status_code, error.detail
     predictions = await service.predict(list(slices.values()))

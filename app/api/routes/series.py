@@ -20,8 +20,9 @@ from app.api.schemas import MaskFormat, ModelVersions, PngMask, RleMask
 from app.core.codecs import FLAIR_CHANNEL, mask_to_png_base64, mask_to_rle
 from app.core.config import Settings
 from app.core.pipeline import SlicePrediction
+from app.core.postprocessing import keep_largest_component
 from app.core.seg import build_segmentation
-from app.core.series import Series, SeriesLimits, Upload, keep_largest_component, read_series
+from app.core.series import Series, SeriesLimits, Upload, read_series
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,7 @@ FilesField = Annotated[
 
 
 def series_limits(settings: Settings) -> SeriesLimits:
-    # A series is a batch of slices: the batch route's caps apply to it.
-    return SeriesLimits(
-        max_slices=settings.max_batch_files,
-        max_pixels=settings.max_pixels,
-        max_total_pixels=settings.max_batch_bytes,
-        max_total_bytes=settings.max_batch_bytes,
-    )
+    return SeriesLimits.from_settings(settings)
 
 
 def stack_masks(series: Series, predictions: list[SlicePrediction]) -> np.ndarray:
