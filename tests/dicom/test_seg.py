@@ -3,6 +3,7 @@
 import io
 import json
 from collections.abc import Callable
+from copy import deepcopy
 from pathlib import Path
 
 import highdicom as hd
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from tests.dicom.builders import to_bytes
 from tests.dicom.conftest import SLICES, multipart
 from tests.dicom.test_series import masks_of, post
 from tests.service.conftest import encode
@@ -102,3 +104,34 @@ def test_seg_needs_dicom_input(dicom_client: TestClient, patient) -> None:
     files = [("files", (f"slice_{n}.png", encode(patient.images[n]), "image/png")) for n in range(2)]
     response = dicom_client.post("/v1/series", files=files, params={"output": "seg"})
     assert response.status_code == 400 and "DICOM" in response.json()["detail"]
+
+
+TYPE2_DROPPED = ("StudyTime", "StudyDate", "StudyID", "AccessionNumber", "ReferringPhysicianName", "PatientBirthDate")
+
+
+def test_seg_of_sources_missing_type2_attributes_writes_them_empty(
+    dicom_client: TestClient, series_datasets: list[Dataset]
+) -> None:
+    stripped = []
+    for ds in series_datasets[:3]:
+        copy = deepcopy(ds)
+        for keyword in (*TYPE2_DROPPED, "PatientSex", "SeriesNumber"):
+            delattr(copy, keyword)
+        stripped.append(to_bytes(copy))
+    seg = read_seg(dicom_client, multipart(stripped))
+    for keyword in (*TYPE2_DROPPED, "PatientSex"):
+        assert keyword in seg and seg.get(keyword) in (None, ""), keyword
+    assert seg.StudyInstanceUID == series_datasets[0].StudyInstanceUID and seg.NumberOfFrames == 3
+
+
+def test_seg_of_sources_without_usable_geometry_is_a_clear_400(
+    dicom_client: TestClient, series_datasets: list[Dataset]
+) -> None:
+    no_orientation = []
+    for ds in series_datasets[:3]:
+        copy = deepcopy(ds)
+        del copy.ImageOrientationPatient, copy.ImagePositionPatient
+        no_orientation.append(to_bytes(copy))
+    assert dicom_client.post("/v1/series", files=multipart(no_orientation)).status_code == 200  # JSON needs none
+    response = dicom_client.post("/v1/series", files=multipart(no_orientation), params={"output": "seg"})
+    assert response.status_code == 400 and "DICOM SEG" in response.json()["detail"], response.text

@@ -19,9 +19,9 @@ from app.api.routes.predict import ERRORS, model_versions, ms
 from app.api.schemas import MaskFormat, ModelVersions, PngMask, RleMask
 from app.core.codecs import FLAIR_CHANNEL, mask_to_png_base64, mask_to_rle
 from app.core.config import Settings
+from app.core.dicom_seg import build_segmentation
 from app.core.pipeline import SlicePrediction
 from app.core.postprocessing import keep_largest_component
-from app.core.seg import build_segmentation
 from app.core.series import Series, SeriesLimits, Upload, read_series
 
 log = logging.getLogger(__name__)

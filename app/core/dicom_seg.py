@@ -4,6 +4,9 @@ Follows what MONAI Deploy's DICOM SEG writer does: one segment, the algorithm id
 card's name and version with family DCM "Artificial Intelligence", and "RESEARCH USE ONLY" in the series
 and content descriptions. The SEG copies the patient and study attributes of its sources (that is how a
 PACS files it beside the images); it goes back only to the caller who sent them and is never logged.
+Type 2 attributes the sources lack (anonymizers often drop StudyTime, StudyID, AccessionNumber...) are written
+empty, as the standard allows; a SEG is refused (400) only when the sources cannot be referenced
+(no usable UIDs or geometry).
 """
 
 import io
@@ -11,7 +14,8 @@ import io
 import numpy as np
 from pydicom.dataset import Dataset
 
-from app.core.codecs import ImageRejected
+from app.core.dicom_attributes import integer
+from app.core.limits import ImageRejected
 from app.core.onnx_sessions import ModelCard
 from app.core.series import Series
 
@@ -49,6 +53,19 @@ IDENTIFYING = (
     "AcquisitionDate",
     "ContentDate",
 )
+# Type 2 (present, possibly empty) attributes highdicom copies from the first source into the SEG.
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "SeriesNumber",
+)
 MIN_REDACTED_LENGTH = 3  # shorter values (a sex 'F', a size '2') would blank ordinary characters
 
 
@@ -74,6 +91,13 @@ def fill_slice_thickness(source: Dataset, thickness_mm: float) -> None:
             item.SliceThickness = thickness_mm
 
 
+def fill_type2(source: Dataset) -> None:
+    """Missing Type 2 attributes -> present and empty (this request's own copy of the source's attributes)."""
+    for keyword in TYPE2_COPIED:
+        if keyword not in source:
+            setattr(source, keyword, None)
+
+
 def build_segmentation(series: Series, masks: np.ndarray, card: ModelCard) -> bytes:
     """masks: bool (slices, H, W) in the series' slice order -> the DICOM SEG file's bytes."""
     # Imported here: highdicom takes seconds to import and only SEG requests need it.
@@ -82,7 +106,7 @@ def build_segmentation(series: Series, masks: np.ndarray, card: ModelCard) -> by
 
     if not series.sources:
         raise ImageRejected(400, "output=seg needs DICOM input: a DICOM SEG must reference DICOM source images")
-    frame_counts = [int(s.get("NumberOfFrames", 1) or 1) for s in series.sources]
+    frame_counts = [integer(s, "NumberOfFrames", 1) or 1 for s in series.sources]
     if len(series.sources) == 1:
         # One (multi-frame) file: highdicom wants the masks in the file's own frame order.
         by_frame = sorted(range(len(series.slices)), key=lambda i: series.slices[i].frame_number or 0)
@@ -104,8 +128,9 @@ def build_segmentation(series: Series, masks: np.ndarray, card: ModelCard) -> by
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
-    if series.slice_spacing_mm is not None:
-        for source in source_images:
+    for source in source_images:
+        fill_type2(source)
+        if series.slice_spacing_mm is not None:
             fill_slice_thickness(source, series.slice_spacing_mm)
     try:
         seg = hd.seg.Segmentation(
