@@ -28,16 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 if TYPE_CHECKING:  # the service's modules load in the actors, not in the command's process
     from app.core.series import SeriesSlice
 
 DICOM_SUFFIX = ".dcm"
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".webp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-MASK_STEM_SUFFIX = "_mask"
 SLICE_COLUMNS = ("series", "slice", "file", "tumor_detected", "tumor_probability", "area_pixels")
 SERIES_COLUMNS = (
     "series",
@@ -67,6 +64,8 @@ def is_nifti(path: Path) -> bool:
 
 def find_series(folder: Path) -> list[SeriesJob]:
     """The series under folder, sorted by name."""
+    from app.cli import MASK_STEM_SUFFIX, SLICE_SUFFIXES  # the predict command's conventions (cli imports this module)
+
     by_folder: dict[tuple[str, str], list[str]] = {}
     jobs = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
@@ -76,19 +75,16 @@ def find_series(folder: Path) -> list[SeriesJob]:
             jobs.append(SeriesJob(relative, "nifti", [relative]))
         elif suffix == DICOM_SUFFIX:
             by_folder.setdefault((path.parent.relative_to(folder).as_posix(), "dicom"), []).append(relative)
-        elif suffix in IMAGE_SUFFIXES and not path.stem.endswith(MASK_STEM_SUFFIX):
+        elif suffix in SLICE_SUFFIXES and not path.stem.endswith(MASK_STEM_SUFFIX):
             by_folder.setdefault((path.parent.relative_to(folder).as_posix(), "images"), []).append(relative)
     jobs += [SeriesJob(name, kind, files) for (name, kind), files in by_folder.items()]
     return sorted(jobs, key=lambda job: (job.name, job.kind))
 
 
-def mask_png(path: Path, mask: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask).save(path, format="PNG")  # bool -> mode "1": 1-bit, like the kaggle_3m masks
-
-
 def mask_file(relative: str, frame: int | None = None) -> str:
     """The mask path (relative to OUT) beside the input: a/b_12.tif -> a/b_12_mask.png, t1.nii.gz -> t1_mask.nii.gz."""
+    from app.cli import MASK_STEM_SUFFIX
+
     path = Path(relative)
     if is_nifti(path):
         stem = path.name[: -len(next(s for s in NIFTI_SUFFIXES if path.name.lower().endswith(s)))]
@@ -123,6 +119,7 @@ class SeriesPredictor:
         return {"result": results}
 
     def predict(self, job: SeriesJob) -> tuple[list[dict], dict]:
+        from app.cli import write_mask
         from app.core.analysis import stack_masks
         from app.core.postprocessing import keep_largest_component
         from app.core.series import Upload, read_series
@@ -145,7 +142,7 @@ class SeriesPredictor:
         for index, (slice_, prediction, mask) in enumerate(zip(series.slices, predictions, masks, strict=True)):
             file = job.files[0] if volume is not None else source_file(job, slice_)
             if volume is None:
-                mask_png(self.out / mask_file(file, slice_.frame_number if multi_frame else None), mask)
+                write_mask(self.out / mask_file(file, slice_.frame_number if multi_frame else None), mask)
             slice_rows.append(
                 {
                     "series": job.name,
