@@ -31,15 +31,13 @@ def classifier_of(model: nn.Module) -> ResNet:
     return model.encoder if isinstance(model, ResUNet) else model
 
 
-def load_run(run_dir: Path) -> tuple[ResNet, ResUNet, dict[str, Any]]:
-    """(classifier, segmenter, checkpoint of the segmenter) of a run folder.
+def load_run(run_dir: Path) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
+    """{"classifier": (network, checkpoint), "segmenter": (network, checkpoint)} of a run folder.
 
-    A joint run (`RUN/joint/model.pt`) gives both from one network; otherwise `RUN/classifier/` and
-    `RUN/segmenter/` each hold one.
+    A joint run (`RUN/joint/model.pt`) gives both from one network: its encoder is the classifier. Otherwise
+    `RUN/classifier/` and `RUN/segmenter/` each hold one.
     """
     if (run_dir / "joint" / MODEL_FILE).exists():
         joint, checkpoint = load_model(run_dir / "joint" / MODEL_FILE)
-        return classifier_of(joint), joint, checkpoint
-    classifier, _ = load_model(run_dir / "classifier" / MODEL_FILE)
-    segmenter, checkpoint = load_model(run_dir / "segmenter" / MODEL_FILE)
-    return classifier, segmenter, checkpoint
+        return {"classifier": (classifier_of(joint), checkpoint), "segmenter": (joint, checkpoint)}
+    return {kind: load_model(run_dir / kind / MODEL_FILE) for kind in ("classifier", "segmenter")}

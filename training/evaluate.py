@@ -137,7 +137,8 @@ def draw_figures(
 def run(args: argparse.Namespace) -> dict:
     runs, out_dir = Path(args.runs), Path(args.out)
     setup_logging(out_dir / "evaluate.log")
-    classifier, segmenter, checkpoint = load_run(runs)
+    networks = load_run(runs)
+    (classifier, checkpoint), (segmenter, _) = networks["classifier"], networks["segmenter"]
     cache = load_cache(Path(args.data), checkpoint["config"]["size"], Path(args.cache_dir))
     split = read_split(Path(args.split))
     outputs = {}

@@ -25,11 +25,13 @@ from app.core.model_card import (
     sha256_of,
     write_card,
 )
+from app.core.postprocessing import DETECTION_RULE
 from app.core.preprocessing import CHANNEL_ORDER, NORMALIZATION
+from training.checkpoints import load_run
 from training.dataset import load_cache, read_split
 from training.inference import predict
 from training.logs import setup_logging
-from training.networks import build_model, count_gflops, count_parameters
+from training.networks import count_gflops, count_parameters
 
 log = logging.getLogger("training")
 
@@ -47,14 +49,6 @@ class WithSigmoid(nn.Module):
         return torch.sigmoid(self.model(image))
 
 
-def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    config = checkpoint["config"]
-    model = build_model(config["model"], config["width"], tuple(config["blocks"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), checkpoint
-
-
 def training_statement(configs: dict[str, dict], train_patients: int) -> str:
     """How each network started and where it trained, from its checkpoint's config (not from defaults)."""
     parts = []
@@ -70,12 +64,53 @@ def training_statement(configs: dict[str, dict], train_patients: int) -> str:
     return f"{sentence[0].upper()}{sentence[1:]}; {train_patients} training patients of one public dataset."
 
 
-def run_totals(last_path: Path) -> dict[str, int]:
-    """Epochs and wall-clock seconds of the whole run (the best checkpoint only knows its own epoch)."""
-    if not last_path.exists():
-        return {}
-    state = torch.load(last_path, map_location="cpu", weights_only=False)["state"]
-    return {"epochs_run": state["epoch"], "seconds_run": round(state["train_seconds"])}
+def training_run(checkpoint: dict) -> dict:
+    """What the card says about the run: from the checkpoint's own config and state."""
+    config, state = checkpoint["config"], checkpoint["state"]
+    final = {k: v for k, v in (state["history"] or [{}])[-1].items() if k in ("roc_auc", "volume_dice")}
+    return {
+        "device": config.get("device") or None,  # the device fit() trained on, as its checkpoint says
+        "epochs_run": state["epoch"],
+        "seconds_run": round(state["train_seconds"]),
+        **({"final_validation": final} if final else {}),
+        "hyperparameters": {k: config[k] for k in Hyperparameters.model_fields if k in config},
+    }
+
+
+def thresholds_from_cv(cv_report: dict) -> dict[str, float]:
+    """For models trained on every patient: the median over folds of each fold's thresholds, which that fold's
+    inner validation patients chose for the same recipe (no patient scored in the CV chose them for itself)."""
+    by_fold = cv_report["variants"][cv_report["primary"]]["thresholds_by_fold"].values()
+    return {
+        key: float(np.median([fold[key] for fold in by_fold]))
+        for key in ("classifier", "segmenter", "min_component_pixels")
+    }
+
+
+def cross_validation_section(cv_report: dict) -> dict:
+    """The CV report in the card's terms: pooled figures with their intervals, each fold's thresholds."""
+    primary = cv_report["variants"][cv_report["primary"]]
+    method = "bootstrap over patients, 2000 resamples (ROC AUC: 500)"
+
+    def interval(key: str) -> dict:
+        low, high = primary[f"{key}_95ci"]
+        return {"estimate": primary[key], "low": low, "high": high, "method": method}
+
+    return {
+        "k": cv_report["folds"],
+        "patients": cv_report["patients"],
+        "seed": cv_report["recipe"]["seed"],
+        "folds": [
+            {
+                "fold": int(k),
+                "validation_patients": sorted({r["patient"] for r in cv_report["per_patient"] if r["fold"] == int(k)}),
+                "thresholds": {t: float(fold[t]) for t in ("classifier", "segmenter", "min_component_pixels")},
+            }
+            for k, fold in sorted(primary["thresholds_by_fold"].items())
+        ],
+        "pooled": {key: interval(key) for key in ("volume_dice_mean", "volume_dice_median", "roc_auc")},
+        "threshold_selection": cv_report["method"],
+    }
 
 
 def export_onnx(model: nn.Module, kind: str, size: int, path: Path) -> None:
@@ -109,20 +144,25 @@ def check_parity(model: nn.Module, path: Path, images: np.ndarray, threshold: fl
 
 
 def export_models(
-    checkpoints: dict[str, Path], out_dir: Path, parity_images: np.ndarray, report: dict, data_description: dict
+    networks: dict[str, tuple[nn.Module, dict]],
+    out_dir: Path,
+    parity_images: np.ndarray,
+    thresholds: dict[str, float],
+    data_description: dict,
+    metrics: dict | None = None,
+    cross_validation: dict | None = None,
 ) -> dict:
     """Write both ONNX files and the card; refuse to finish if ONNX and PyTorch disagree on a decision."""
     out_dir.mkdir(parents=True, exist_ok=True)
     card_models, configs = {}, {}
     size = None
-    for kind, checkpoint_path in checkpoints.items():
-        model, checkpoint = load_checkpoint(checkpoint_path)
-        config, state = checkpoint["config"], checkpoint["state"]
+    for kind, (model, checkpoint) in networks.items():
+        config = checkpoint["config"]
         configs[kind] = config
         size = config["size"]
         path = out_dir / MODEL_FILES[kind]
         export_onnx(model, kind, size, path)
-        threshold = report["thresholds"][kind]
+        threshold = thresholds[kind]
         parity = check_parity(model, path, parity_images, threshold)
         log.info("%s: %s", kind, parity)
         if parity["differing_decisions"] or parity["max_abs_difference"] > 1e-3:
@@ -146,14 +186,7 @@ def export_models(
             "threshold": threshold,
             "opset": OPSET,
             "onnx_parity": parity,
-            "training": {
-                "device": config.get("device") or None,  # the device fit() trained on, as its checkpoint says
-                "best_epoch": state["best_epoch"],
-                "best_validation_metric": state["best"],
-                "seconds_to_best_epoch": round(state["train_seconds"]),
-                **run_totals(checkpoint_path.with_name("last.pt")),
-                "hyperparameters": {k: config[k] for k in Hyperparameters.model_fields if k in config},
-            },
+            "training": training_run(checkpoint),
         }
     card = {
         "name": "lgg-tumor-detect-segment",
@@ -169,7 +202,12 @@ def export_models(
             "preprocessing": PREPROCESSING_FUNCTION,
         },
         "models": card_models,
-        "metrics": report["metrics"],
+        "postprocessing": {
+            "min_component_pixels": int(thresholds["min_component_pixels"]),
+            "detection_rule": DETECTION_RULE,
+        },
+        **({"metrics": metrics} if metrics is not None else {}),
+        **({"cross_validation": cross_validation} if cross_validation is not None else {}),
         "data": data_description,
         "hardware": {
             "machine": platform.machine(),
@@ -194,15 +232,19 @@ def export_models(
 
 
 def run(args: argparse.Namespace) -> dict:
-    out_dir, runs = Path(args.out), Path(args.runs)
+    out_dir = Path(args.out)
     setup_logging(None)
-    report = json.loads(Path(args.report).read_text())
-    checkpoints = {kind: runs / kind / "best.pt" for kind in MODEL_FILES}
-    size = torch.load(checkpoints["classifier"], map_location="cpu", weights_only=False)["config"]["size"]
+    networks = load_run(Path(args.runs))
+    size = networks["classifier"][1]["config"]["size"]
     cache = load_cache(Path(args.data), size, Path(args.cache_dir))
     split = read_split(Path(args.split))
-    # Parity on real validation slices: the inputs the thresholds were chosen on.
-    parity_images = cache.images[cache.indices_of(split["val"])][: args.parity_slices]
+    report = json.loads(Path(args.report).read_text()) if args.report else None
+    cv_report = json.loads(Path(args.cv_report).read_text()) if args.cv_report else None
+    if report is None and cv_report is None:
+        raise SystemExit("export needs --report (single-split evaluation) or --cv-report (cross-validation), or both")
+    thresholds = report["thresholds"] if report else thresholds_from_cv(cv_report)
+    # Parity on real slices the model did not train on where there are any (validation), else on training ones.
+    parity_images = cache.images[cache.indices_of(split["val"] or split["train"])][: args.parity_slices]
     labels = cache.labels
     data_description = {
         "dataset": "LGG Segmentation Dataset (kaggle_3m layout), TCGA-LGG, manual FLAIR abnormality masks",
@@ -214,14 +256,26 @@ def run(args: argparse.Namespace) -> dict:
         "split_patients": split,
         "split_slices": {part: len(cache.indices_of(names)) for part, names in split.items()},
     }
-    card = export_models(checkpoints, out_dir, parity_images, report, data_description)
+    card = export_models(
+        networks,
+        out_dir,
+        parity_images,
+        thresholds,
+        data_description,
+        metrics=report["metrics"] if report else None,
+        cross_validation=cross_validation_section(cv_report) if cv_report else None,
+    )
     log.info("wrote %s with %s", out_dir / CARD_FILE, ", ".join(m["file"] for m in card["models"].values()))
     return card
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", default="runs", help="folder with classifier/ and segmenter/ checkpoints")
-    parser.add_argument("--report", default="runs/evaluation/report.json", help="from `python -m training evaluate`")
+    parser.add_argument("--runs", default="runs", help="folder with joint/ (or classifier/ and segmenter/) checkpoints")
+    parser.add_argument("--report", help="runs/evaluation/report.json from `evaluate`: thresholds and split metrics")
+    parser.add_argument(
+        "--cv-report",
+        help="runs/cv/report.json from `cv`: the card's cross-validation section; thresholds too without --report",
+    )
     parser.add_argument("--data", default="../shared/data/lgg")
     parser.add_argument("--split", default="runs/split.json")
     parser.add_argument("--cache-dir", default=".cache")

@@ -55,7 +55,7 @@ def run_training(*args: str | Path, timeout: float = 1200, launcher: tuple[str, 
 @dataclass(frozen=True)
 class TrainedRuns:
     data: Path
-    runs: Path  # runs/classifier/ and runs/segmenter/ after one epoch each
+    runs: Path  # runs/classifier/ and runs/joint/ after one epoch each
     split: Path
     cache_dir: Path
 
@@ -68,7 +68,7 @@ TINY_TRAINING = ("--size", "64", "--width", "8", "--batch-size", "16", "--thread
 def trained_runs(synthetic_tif: SyntheticData, tmp_path_factory: pytest.TempPathFactory) -> TrainedRuns:
     work = tmp_path_factory.mktemp("trained")
     trained = TrainedRuns(synthetic_tif.root, work / "runs", work / "runs" / "split.json", work / "cache")
-    for model in ("classifier", "segmenter"):
+    for model in ("classifier", "joint"):
         run_training(
             "train", "--model", model, "--data", trained.data, "--out", trained.runs, "--split", trained.split,
             "--cache-dir", trained.cache_dir, "--epochs", "1", *TINY_TRAINING,
