@@ -75,7 +75,8 @@ def main() -> None:
     slice_set = load_slices(args.data, max(BATCH_SIZES))
     print(f"slices: {slice_set.source}\n")
     single_bodies = [multipart_body("file", [s]) for s in slice_set.slices]
-    env = {"LGG_MODEL_DIR": str(args.models), "LGG_LOG_LEVEL": "WARNING"}
+    # No admission bound: this measures how cost grows; shedding beyond the bound is tests/reliability's.
+    env = {"LGG_MODEL_DIR": str(args.models), "LGG_LOG_LEVEL": "WARNING", "LGG_MAX_IN_FLIGHT_SLICES": "100000"}
     batch_rows, concurrency_rows = [], []
     with uvicorn_server("growth_service", "app.main:app", env) as server:
         batching = httpx.get(server.url + "/v1/models", timeout=10).json()["batching"]

@@ -105,7 +105,13 @@ def measure_services(slice_set: SliceSet, models_dir: Path, shapes: list[LoadSha
     bodies = [multipart_body("file", [s]) for s in slice_set.slices]
     rows = []
     for system, app, env, ready_path in SERVICES:
-        env = {"LGG_MODEL_DIR": str(models_dir), "LGG_LOG_LEVEL": "WARNING", **env}
+        # No admission bound: this measures capacity; shedding beyond the bound is tests/reliability's.
+        env = {
+            "LGG_MODEL_DIR": str(models_dir),
+            "LGG_LOG_LEVEL": "WARNING",
+            "LGG_MAX_IN_FLIGHT_SLICES": "100000",
+            **env,
+        }
         with uvicorn_server(system, app, env, ready_path) as server:
             for shape in shapes:
                 before = classifier_batches(server.url) if app == SERVICE_APP else None

@@ -1,9 +1,8 @@
-"""Dependencies shared by routes: the settings, the ready service, the API key check."""
+"""Dependencies shared by routes: the settings, the ready service, the API key schemes for OpenAPI."""
 
-import secrets
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, Security
+from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from app.core.config import Settings
@@ -25,18 +24,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[InferenceService, Depends(get_service)]
 
 
-def require_api_key(
-    settings: SettingsDep,
+def declare_api_key(
     key: Annotated[str | None, Security(api_key_header)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> None:
-    if settings.api_key is None:
-        return
-    supplied = key if key is not None else credentials.credentials if credentials is not None else None
-    expected = settings.api_key.get_secret_value()
-    if supplied is None or not secrets.compare_digest(supplied.encode(), expected.encode()):
-        raise HTTPException(
-            status_code=401,
-            detail="missing or wrong API key: send it as the X-API-Key header or as 'Authorization: Bearer <key>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    """Puts the API key schemes in the OpenAPI document (only when a key is configured); the check itself is
+    ApiKeyMiddleware's, on the headers, before FastAPI reads the body for the route."""

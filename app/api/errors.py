@@ -4,8 +4,11 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
+from app.api.overload import overloaded_response
+from app.core.admission import Overloaded
 from app.core.batching import ShuttingDown
 from app.core.codecs import ImageRejected
 from app.core.service import NotReady
@@ -39,6 +42,16 @@ async def not_ready(request: Request, error: NotReady | ShuttingDown) -> JSONRes
     return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
+async def overloaded(request: Request, error: Overloaded) -> JSONResponse:
+    return overloaded_response(error)
+
+
+async def client_disconnected(request: Request, error: ClientDisconnect) -> Response:
+    # The client hung up while its body was being read: nobody gets an answer and nothing failed here.
+    # 499 (nginx's "client closed request") keeps these apart from server errors in the metrics.
+    return Response(status_code=499)
+
+
 async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
     # Only genuine bugs end here: bad input has its own 4xx above. Tests fail on any of these.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -50,4 +63,6 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ImageRejected, image_rejected)
     app.add_exception_handler(NotReady, not_ready)
     app.add_exception_handler(ShuttingDown, not_ready)
+    app.add_exception_handler(Overloaded, overloaded)
+    app.add_exception_handler(ClientDisconnect, client_disconnected)
     app.add_exception_handler(Exception, unexpected_error)

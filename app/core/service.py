@@ -8,6 +8,7 @@ from enum import StrEnum
 
 import numpy as np
 
+from app.core.admission import Admission
 from app.core.batching import DirectRunner, DynamicBatcher, InferenceRunner
 from app.core.config import Settings
 from app.core.onnx_sessions import LoadedModels, ModelCard, load_models
@@ -28,11 +29,13 @@ class NotReady(RuntimeError):
 
 
 class InferenceService:
-    def __init__(self, settings: Settings, card: ModelCard, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: Settings, card: ModelCard, metrics: ServiceMetrics, admission: Admission) -> None:
         self.settings = settings
         self.card = card
         self.metrics = metrics
+        self.admission = admission
         self.state = State.LOADING
+        self.draining = False  # set on SIGTERM: not ready any more, still answering what arrives
         self.failure: str | None = None
         self.models: LoadedModels | None = None
         self.pipeline: Pipeline | None = None
@@ -73,10 +76,27 @@ class InferenceService:
         self.state = State.READY
         log.info("ready: model card %s, batching %s", self.card.version, "on" if self.settings.batching else "off")
 
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why a load balancer should not send this process new requests now; None when it may."""
+        if self.draining:
+            return "shutting down: finishing the requests in flight"
+        if self.state is not State.READY:
+            return self.failure or "the models are still loading and warming up"
+        if self.admission.saturated:
+            return f"saturated: {self.admission.in_flight} slices in flight, the bound is {self.admission.capacity}"
+        return None
+
     async def predict(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
+        """Runs the slices of one admitted request (it holds one unit of admission: one more per further slice)."""
         if self.runner is None:
             raise NotReady(self.failure or "the models are still loading and warming up; retry shortly")
-        predictions = await self.runner.predict(slices)
+        extra = max(0, len(slices) - 1)
+        self.admission.acquire(extra, held=1)
+        try:
+            predictions = await self.runner.predict(slices)
+        finally:
+            self.admission.release(extra)
         self.metrics.observe_slices(predictions)
         return predictions
 

@@ -55,6 +55,12 @@ class ServiceMetrics:
         )  # fmt: skip
         self.slices = Counter("lgg_slices_processed_total", "Slices run through the classifier.", registry=r)
         self.tumors = Counter("lgg_tumors_detected_total", "Slices the classifier flagged as tumor.", registry=r)
+        self.in_flight = Gauge("lgg_in_flight_slices", "Slices admitted and not yet answered.", registry=r)
+        self.admission_capacity = Gauge("lgg_admission_capacity_slices", "The bound on slices in flight.", registry=r)
+        self.rejected = Counter(
+            "lgg_rejected_requests_total", "Requests refused with 503: the bound on slices in flight was reached.",
+            registry=r,
+        )  # fmt: skip
         self.ready = Gauge("lgg_ready", "1 when the models are loaded and warmed up.", registry=r)
         self.model_info = Info("lgg_model", "The served model card version, file hashes and providers.", registry=r)
 

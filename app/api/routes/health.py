@@ -21,10 +21,11 @@ async def healthz(service: ServiceDep) -> Status | JSONResponse:
 
 @router.get("/readyz", response_model=Status, responses={503: {"model": ErrorBody}}, summary="Readiness")
 async def readyz(service: ServiceDep) -> Status | JSONResponse:
-    if service.state is State.READY:
+    # 503 while loading, when saturated (a load balancer routes around) and from SIGTERM on (it stops routing here).
+    reason = service.not_ready_reason
+    if reason is None:
         return Status(status="ready")
-    detail = service.failure or "the models are still loading and warming up"
-    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse({"detail": reason}, status_code=503, headers={"Retry-After": "5"})
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics (text exposition format)")

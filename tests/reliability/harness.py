@@ -1,0 +1,115 @@
+"""A real `uvicorn app.main:app` process and closed-loop HTTP clients, for the reliability tests and measurements.
+
+Not `--fd` as tests/live_server.py does: an inherited socket keeps Nagle's algorithm on (+40 ms per response),
+which would hide the latencies measured here.
+"""
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from tests.conftest import REPO_ROOT
+from tests.live_server import settings_env
+from tests.reliability.loadgen import Load, Record
+from tests.service.conftest import encode, synthetic_slice
+
+START_TIMEOUT_S = 180.0  # a nice 15 training job may hold the CPU
+STOP_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Service:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def metric(self, sample: str) -> float:
+        """One sample of /metrics, e.g. 'lgg_rejected_requests_total' (0 when absent)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")]
+        return values[0] if values else 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def service(log_dir: Path, *uvicorn_args: str, **settings: object) -> Iterator[Service]:
+    """The service on a free port, yielded once /readyz answers 200; stopped (SIGTERM, then SIGKILL) at the end."""
+    port = free_port()
+    log_path = log_dir / f"uvicorn-{port}.log"
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*command, *uvicorn_args], cwd=REPO_ROOT, env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT
+        )
+    server = Service(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"uvicorn exited with {process.returncode}:\n{server.log()}")
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not ready in {START_TIMEOUT_S:g} s:\n{server.log()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def multipart(path: str, body: bytes, field: str = "file", content_type: str = "image/png") -> tuple[str, bytes]:
+    """(Content-Type, body) of a form with one file, encoded once by httpx so clients only send bytes."""
+    request = httpx.Request("POST", "http://x" + path, files={field: ("slice.png", body, content_type)})
+    return request.headers["content-type"], request.read()
+
+
+def slice_upload(seed: int = 0) -> bytes:
+    return encode(synthetic_slice(seed=seed))
+
+
+def prediction_load(url: str, bad_share: float = 0.0, pause_after_503_s: float = 0.0, **kwargs: object) -> Load:
+    """Single-slice predictions without mask encoding; bad_share of them a truncated PNG (a 400 by design)."""
+    path = "/v1/predict?mask_format=none"
+    good = slice_upload()
+    return Load(
+        url, path, multipart(path, good), multipart(path, good[:300]), bad_share, pause_after_503_s=pause_after_503_s,
+        **kwargs,
+    )  # fmt: skip
+
+
+def latencies_ms(records: list[Record], q: float, status: int | None) -> float | None:
+    """The q-th percentile latency of the records with this status, in ms."""
+    chosen = [r[1] for r in records if r[2] == status]
+    return round(float(np.percentile(chosen, q)) * 1000, 1) if chosen else None
