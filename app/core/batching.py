@@ -1,17 +1,22 @@
 """How slices reach the pipeline: gathered into batches (DynamicBatcher) or one request at a time (DirectRunner).
 
-DynamicBatcher works like Triton's dynamic batcher: each request preprocesses its own slices in the
-thread pool, then they wait in one queue; a single inference thread takes up to max_batch_size of them
-per network call, waiting at most max_wait_ms (counted from the oldest slice's arrival) for a batch to
-fill. Slices that arrive while a batch runs form the next one, so a busy service batches without added
-wait. Masks are resized back in the thread pool, beside the next batch.
+Both runners cost a request the same single trip to the thread pool: there the request prepares its slices,
+(batching) hands them to the inference thread and blocks until its outputs are back, then resizes its masks.
+The event loop never takes part in a batch. The first design ran the batcher as an asyncio task that
+handed each batch to an executor and back, three loop <-> thread trips per request and two per batch; under
+load every trip waits for the GIL and the busy event loop, so batches stayed at ~2 slices and throughput
+fell below running without batching (docs/benchmarks.md has the measurement).
+
+DynamicBatcher works like Triton's dynamic batcher: one inference thread takes up to max_batch_size queued
+slices per network call, waiting at most max_wait_ms (counted from the oldest slice's arrival) for a batch
+to fill. Slices that arrive while a batch runs form the next one, so a busy service batches without waiting.
 """
 
-import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,7 +52,7 @@ class DirectRunner:
 @dataclass
 class _Pending:
     prepared: PreparedSlice
-    future: asyncio.Future[ModelOutput]
+    future: Future[ModelOutput] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -66,69 +71,73 @@ class DynamicBatcher:
         self.pending: deque[_Pending] = deque()
         self.in_flight: list[_Pending] = []
         self.stopping = False
-        self.arrived = asyncio.Event()
+        self.changed = threading.Condition()  # guards pending, in_flight and stopping
         # One thread: ONNX Runtime already spreads one call over all cores.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self.worker = asyncio.create_task(self._work(), name="dynamic-batcher")
+        self.worker = threading.Thread(target=self._work, name="dynamic-batcher", daemon=True)
+        self.worker.start()
 
     async def predict(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
-        prepared = await run_in_threadpool(lambda: [self.pipeline.prepare(s) for s in slices])
-        outputs = await self._queue(prepared)
-        return await run_in_threadpool(
-            lambda: [self.pipeline.finish(p, o) for p, o in zip(prepared, outputs, strict=True)]
-        )
+        return await run_in_threadpool(self._predict, slices)
 
-    async def _queue(self, prepared: list[PreparedSlice]) -> list[ModelOutput]:
-        if self.stopping:  # nobody would take these slices any more
-            raise ShuttingDown("the service is shutting down")
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in prepared]
-        self.pending.extend(_Pending(p, f) for p, f in zip(prepared, futures, strict=True))
-        self.arrived.set()
-        return list(await asyncio.gather(*futures))
+    def _predict(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
+        prepared = [self.pipeline.prepare(s) for s in slices]
+        pending = [_Pending(p) for p in prepared]
+        with self.changed:
+            if self.stopping:  # nobody would take these slices any more
+                raise ShuttingDown("the service is shutting down")
+            self.pending.extend(pending)
+            self.changed.notify()
+        outputs = [p.future.result() for p in pending]
+        return [self.pipeline.finish(p, o) for p, o in zip(prepared, outputs, strict=True)]
 
     async def stop(self) -> None:
-        self.stopping = True
-        self.worker.cancel()
-        await asyncio.gather(self.worker, return_exceptions=True)
-        for pending in [*self.in_flight, *self.pending]:
-            if not pending.future.done():
-                pending.future.set_exception(ShuttingDown("the service is shutting down"))
-        self.pending.clear()
-        self.executor.shutdown(wait=False)
+        """Fail what waits (the batch in the networks too) with ShuttingDown; the thread ends after that batch."""
+        with self.changed:
+            self.stopping = True
+            waiting, self.pending = [*self.in_flight, *self.pending], deque()
+            self.changed.notify()
+        for pending in waiting:
+            pending.future.set_exception(ShuttingDown("the service is shutting down"))
 
-    async def _next_batch(self) -> list[_Pending]:
-        while not self.pending:
-            self.arrived.clear()
-            await self.arrived.wait()
-        deadline = self.pending[0].enqueued + self.max_wait_s
-        while len(self.pending) < self.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
-            self.arrived.clear()
-            try:
-                await asyncio.wait_for(self.arrived.wait(), remaining)
-            except TimeoutError:
-                break
-        batch = [self.pending.popleft() for _ in range(min(self.max_batch_size, len(self.pending)))]
-        return [p for p in batch if not p.future.done()]  # a cancelled request no longer needs its slice
+    def _next_batch(self) -> list[_Pending]:
+        """Up to max_batch_size slices, once the batch is full or the oldest has waited max_wait; [] when stopping."""
+        with self.changed:
+            while not self.pending and not self.stopping:
+                self.changed.wait()
+            if self.pending:
+                deadline = self.pending[0].enqueued + self.max_wait_s
+                while (
+                    len(self.pending) < self.max_batch_size
+                    and not self.stopping
+                    and (remaining := deadline - time.monotonic()) > 0
+                ):
+                    self.changed.wait(remaining)
+            if self.stopping:
+                return []
+            self.in_flight = [self.pending.popleft() for _ in range(min(self.max_batch_size, len(self.pending)))]
+            return self.in_flight
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self.in_flight = await self._next_batch()
-            if not self.in_flight:
-                continue
+    def _work(self) -> None:
+        while batch := self._next_batch():
             started = time.monotonic()
             if self.on_queue_wait is not None:
-                for pending in self.in_flight:
+                for pending in batch:
                     self.on_queue_wait(started - pending.enqueued)
-            prepared = [p.prepared for p in self.in_flight]
             try:
-                outputs = await loop.run_in_executor(self.executor, self.pipeline.run_models, prepared)
+                outputs = self.pipeline.run_models([p.prepared for p in batch])
             except Exception as error:  # handed to the waiting requests, which report it; the worker lives on
-                for pending in self.in_flight:
-                    if not pending.future.done():
-                        pending.future.set_exception(error)
+                self._resolve(batch, [error] * len(batch))
                 continue
-            for pending, output in zip(self.in_flight, outputs, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(output)
+            self._resolve(batch, outputs)
+
+    def _resolve(self, batch: list[_Pending], results: list[ModelOutput] | list[Exception]) -> None:
+        """Each future is resolved once: here, or by stop() if it took in_flight first."""
+        with self.changed:
+            if self.stopping:
+                return
+            self.in_flight = []
+        for pending, result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
