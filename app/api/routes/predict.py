@@ -177,8 +177,12 @@ async def predict_batch(
             items[index].status_code, items[index].detail = error.status_code, error.detail
     predictions = await service.predict(list(slices.values()))
     versions = model_versions(service.card)
-    for (index, slice_), prediction in zip(slices.items(), predictions, strict=True):
-        items[index].prediction = await run_in_threadpool(to_prediction, slice_, prediction, mask_format, versions)
+
+    def encode_all() -> None:  # one trip to the thread pool for the whole request, not one per slice
+        for (index, slice_), prediction in zip(slices.items(), predictions, strict=True):
+            items[index].prediction = to_prediction(slice_, prediction, mask_format, versions)
+
+    await run_in_threadpool(encode_all)
     return BatchPrediction(
         results=items,
         succeeded=len(slices),
