@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from app.api.deps import declare_api_key
 from app.api.errors import add_error_handlers
@@ -49,7 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("app").setLevel(settings.log_level)
     logging.getLogger("uvicorn.access").addFilter(RedactCredentials())
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the app itself, not from a CDN (offline sites).
+    app = FastAPIOffline(
         title="LGG brain MRI tumor service",
         version="0.1.0",
         description="Detects lower-grade glioma FLAIR abnormalities in brain MRI slices and segments them. "

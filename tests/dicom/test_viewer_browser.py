@@ -3,7 +3,6 @@
 Needs Debian's `chromium` and `chromium-driver` and the `selenium` package; skipped with the reason otherwise.
 """
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,31 +10,16 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.browser import WAIT_S, chromium, require_chromium
 from tests.dicom.conftest import SLICES
 from tests.live_server import LiveServer, live_server
 from tests.service.conftest import encode
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-INSTALL = "apt-get install -y --no-install-recommends chromium chromium-driver"
-if CHROMIUM is None or CHROMEDRIVER is None:
-    pytest.skip(f"headless Chromium not installed (Debian: {INSTALL})", allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install '.[test]')")
+webdriver = require_chromium()
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 pytestmark = pytest.mark.slow
-WAIT_S = 60
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1200,1000",
-)
 # Canvas pixels the overlay changed: the slice is drawn in gray (R = G), the overlay pulls R up and G down.
 COUNT_OVERLAY_PIXELS = """
 const canvas = document.getElementById("viewer-canvas");
@@ -54,18 +38,8 @@ def server(phantom_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator["webdriver.Chrome"]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    # An explicit driver path: Selenium Manager (which would download one) never runs.
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    driver.set_page_load_timeout(WAIT_S)
-    try:
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def upload(browser: "webdriver.Chrome", server: LiveServer, paths: list[Path]) -> str:
