@@ -1,6 +1,7 @@
 """`python -m training train`: one network on the patient split's training patients.
 
-Validation patients are scored every epoch for the curves; test patients are left for `evaluate`.
+Validation patients are scored every epoch for the curves; test patients are left for `evaluate`. With
+`--all-patients` every patient trains (the shipped model), and export takes its thresholds from `cv`.
 Under `torchrun --nproc-per-node N python -m training train ...` the epochs are shared by N processes.
 """
 
@@ -27,7 +28,10 @@ def run(args: argparse.Namespace) -> Path:
     cache = load_cache(Path(args.data), config.size, Path(args.cache_dir))
     split_path = Path(args.split)
     if not split_path.exists() and runtime.rank == 0:
-        write_split(split_patients(cache.patients, cache.labels, seed=config.seed), split_path)
+        everyone = {"train": sorted(set(cache.patients.tolist())), "val": [], "test": []}
+        write_split(
+            everyone if args.all_patients else split_patients(cache.patients, cache.labels, config.seed), split_path
+        )
     if runtime.world_size > 1:
         torch.distributed.barrier()
     split = read_split(split_path)
@@ -52,4 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs", help="checkpoints and logs go to OUT/<model>/")
     parser.add_argument("--split", default="runs/split.json", help="patient split; created if missing")
     parser.add_argument("--init-encoder", help="classifier checkpoint to start the segmenter's encoder from")
+    parser.add_argument(
+        "--all-patients",
+        action="store_true",
+        help="a new split with every patient in train (the final model; thresholds then come from `cv`)",
+    )
     add_config_arguments(parser)

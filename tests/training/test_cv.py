@@ -1,0 +1,139 @@
+"""Cross-validation: folds by patient, thresholds chosen without held-out patients, resumable end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.training.conftest import SyntheticData, run_training
+from training.cv import fold_plan
+from training.cv_report import LeakError, evaluate_variant
+from training.dataset import SliceCache, patient_folds
+
+
+def toy_cache(patients: int = 23, slices: int = 6, seed: int = 0) -> SliceCache:
+    """Patients with 0..slices tumor slices; 8x8 masks, inputs 4x4 (only the bookkeeping matters here)."""
+    rng = np.random.default_rng(seed)
+    names = np.repeat([f"P{i:02d}" for i in range(patients)], slices)
+    masks = np.zeros((len(names), 8, 8), bool)
+    for i in range(patients):
+        tumor_slices = rng.integers(0, slices + 1)
+        masks[i * slices : i * slices + tumor_slices, 2:5, 2:6] = True
+    return SliceCache(
+        images=np.zeros((len(names), 3, 4, 4), np.float16),
+        target_masks=np.zeros((len(names), 1, 4, 4), np.float16),
+        masks=masks,
+        patients=names,
+        numbers=np.tile(np.arange(1, slices + 1), patients),
+    )
+
+
+def test_folds_cover_every_patient_once_and_balance_tumor_burden() -> None:
+    cache = toy_cache()
+    folds = patient_folds(cache.patients, cache.labels, 5, seed=3)
+    flat = [p for fold in folds for p in fold]
+    assert sorted(flat) == sorted(set(cache.patients.tolist()))  # every patient, exactly once
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    burden = {p: cache.labels[cache.patients == p].mean() for p in flat}
+    means = [np.mean([burden[p] for p in fold]) for fold in folds]
+    assert max(means) - min(means) < 0.35  # stratified: no fold of only light or only heavy tumors
+    assert folds == patient_folds(cache.patients, cache.labels, 5, seed=3)  # deterministic
+
+
+def test_fold_plan_keeps_held_out_patients_out_of_training_and_threshold_choice(tmp_path: Path) -> None:
+    cache = toy_cache(patients=30)
+    plan = fold_plan(cache, 5, 42, tmp_path / "folds.json")
+    assert sorted(p for fold in plan for p in fold["held_out"]) == sorted(set(cache.patients.tolist()))
+    for fold in plan:
+        held_out = set(fold["held_out"])
+        assert not held_out & set(fold["train"]) and not held_out & set(fold["validation"])
+        assert not set(fold["train"]) & set(fold["validation"]) and fold["validation"]
+        assert len(held_out) + len(fold["train"]) + len(fold["validation"]) == 30
+    # Resuming with another plan (other data or seed) is refused rather than mixing folds.
+    with pytest.raises(SystemExit, match="another fold plan"):
+        fold_plan(cache, 5, 7, tmp_path / "folds.json")
+
+
+def fake_outputs(cache: SliceCache, validation: list[str], held_out: list[str], held_out_shift: float) -> dict:
+    """Outputs that follow the truth on validation slices and are shifted by held_out_shift on held-out ones."""
+    arrays = {}
+    for part, names, shift in (("validation", validation, 0.0), ("held_out", held_out, held_out_shift)):
+        idx = cache.indices_of(names)
+        truth = cache.labels[idx].astype(np.float32)
+        probability = np.clip(0.2 + 0.6 * truth + shift, 0, 1)
+        maps = np.zeros((len(idx), 4, 4), np.float16)
+        maps[:, 1:3, 1:3] = (0.1 + 0.8 * truth + shift)[:, None, None]
+        for suffix in ("", "_flip"):
+            arrays[f"{part}_tumor_probability{suffix}"] = probability
+            arrays[f"{part}_probability_maps{suffix}"] = maps
+        arrays[f"{part}_indices"] = idx
+    return arrays
+
+
+def test_thresholds_do_not_depend_on_held_out_outputs() -> None:
+    cache = toy_cache(patients=12)
+    names = sorted(set(cache.patients.tolist()))
+    validation, held_out = names[:6], names[6:]
+    runs = [
+        evaluate_variant(cache, {0: fake_outputs(cache, validation, held_out, shift)}, False, True, 0.97)
+        for shift in (0.0, -0.15)  # held-out probabilities change, validation ones do not
+    ]
+    chosen = [{k: v for k, v in run["thresholds_by_fold"][0].items() if k != "sweeps"} for run in runs]
+    assert chosen[0] == chosen[1]
+    assert runs[0]["volume_dice_mean"] != runs[1]["volume_dice_mean"]  # the held-out change was seen downstream
+
+
+def test_a_planted_leak_is_caught() -> None:
+    cache = toy_cache(patients=12)
+    names = sorted(set(cache.patients.tolist()))
+    leaky = fake_outputs(cache, names[:7], names[6:], 0.0)  # patient 6 both chooses thresholds and is held out
+    with pytest.raises(LeakError, match=names[6]):
+        evaluate_variant(cache, {0: leaky}, False, True, 0.97)
+
+
+@pytest.mark.slow
+def test_cv_runs_resumes_and_reports_every_patient_once(synthetic_tif: SyntheticData, tmp_path: Path) -> None:
+    common = ["cv", "--data", synthetic_tif.root, "--out", tmp_path / "cv", "--cache-dir", tmp_path / "cache"]
+    common += ["--folds", "2", "--size", "64", "--width", "8", "--threads", "1", "--no-progress"]
+    run_training(*common, "--epochs", "1", "--only-folds", "0")
+    first = json.loads((tmp_path / "cv" / "report.json").read_text())
+    assert first["folds_complete"] == [0]
+    fold0 = (tmp_path / "cv" / "fold0" / "outputs.npz").stat().st_mtime_ns
+    log = run_training(*common, "--epochs", "1")
+    assert "fold 1/2" not in log and "fold 2/2" in log  # fold 0 is done and not trained again
+    assert (tmp_path / "cv" / "fold0" / "outputs.npz").stat().st_mtime_ns == fold0
+    report = json.loads((tmp_path / "cv" / "report.json").read_text())
+    patients = [row["patient"] for row in report["per_patient"]]
+    assert sorted(patients) == sorted(p.folder for p in synthetic_tif.patients) and report["patients"] == 10
+    for name, variant in report["variants"].items():
+        low, high = variant["volume_dice_mean_95ci"]
+        assert low <= variant["volume_dice_mean"] <= high, name
+    assert (tmp_path / "cv" / "report.md").read_text().count("| TCGA") == 10
+    for figure in report["figures"]:
+        assert (tmp_path / "cv" / figure).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_final_model_on_every_patient_exports_with_the_cv_thresholds_and_figures(
+    synthetic_tif: SyntheticData, tmp_path: Path
+) -> None:
+    data = ["--data", synthetic_tif.root, "--cache-dir", tmp_path / "cache"]
+    tiny = ["--size", "64", "--width", "8", "--threads", "1", "--no-progress", "--epochs", "1"]
+    run_training("cv", *data, *tiny, "--out", tmp_path / "cv", "--folds", "2")
+    split = tmp_path / "all" / "split.json"
+    run_training(
+        "train", "--model", "joint", "--all-patients", *data, *tiny, "--out", tmp_path / "all", "--split", split
+    )
+    assert len(json.loads(split.read_text())["train"]) == 10
+    export = ["export", "--runs", tmp_path / "all", *data, "--split", split, "--out", tmp_path / "models"]
+    run_training(*export, "--cv-report", tmp_path / "cv" / "report.json")
+    card = json.loads((tmp_path / "models" / "model_card.json").read_text())
+    cv = json.loads((tmp_path / "cv" / "report.json").read_text())
+    folds = cv["variants"][cv["primary"]]["thresholds_by_fold"].values()
+    median = float(np.median([fold["classifier"] for fold in folds]))
+    assert card["models"]["classifier"]["threshold"] == pytest.approx(median)
+    assert card["cross_validation"]["k"] == 2 and card["cross_validation"]["patients"] == 10
+    pooled = card["cross_validation"]["pooled"]["volume_dice_mean"]
+    assert pooled["low"] <= pooled["estimate"] <= pooled["high"]
+    assert "metrics" not in card  # no single-split figures for a model that trained on every patient
