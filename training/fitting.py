@@ -153,6 +153,11 @@ def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int) -> float
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def moving_average(model: nn.Module, decay: float) -> AveragedModel:
+    """EMA of the weights and of the BatchNorm statistics: after each step, ema = decay * ema + (1 - decay) * w."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def build_network(config: TrainConfig) -> nn.Module:
     model = build_model(config.model, config.width, config.blocks)
     if config.pretrained:  # torchvision ImageNet ResNet state dict (width 64)
@@ -263,9 +268,7 @@ def fit(
     model = build_network(config).to(runtime.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = None
-    if config.ema_decay > 0:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    ema = moving_average(model, config.ema_decay) if config.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.autocast]
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.

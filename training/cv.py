@@ -1,0 +1,118 @@
+"""`python -m training cv`: patient-grouped K-fold cross-validation of the recipe, resumable fold by fold.
+
+Each fold's held-out patients are predicted by a network trained without them. Inside each fold, an inner
+validation group of the fold's training patients (never trained on) chooses that fold's thresholds
+(`training.selection`), so no held-out patient chooses anything. The report pools the held-out predictions of
+all folds: per-volume Dice with bootstrap 95% intervals over patients, Dice against tumor size, detection.
+Every epoch is checkpointed; rerunning the command continues where it stopped.
+"""
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.checkpoints import classifier_of, load_model
+from training.cv_report import cross_validation_report, write_report
+from training.dataset import SliceCache, load_cache, patient_folds
+from training.fitting import Runtime, add_config_arguments, config_from_args, fit
+from training.inference import predict
+from training.logs import setup_logging
+
+log = logging.getLogger("training")
+
+OUTPUTS_FILE = "outputs.npz"
+INNER_GROUPS = 6  # the inner validation group is one sixth of a fold's training patients (~11 of 68)
+
+
+def fold_plan(cache: SliceCache, folds: int, seed: int, path: Path) -> list[dict[str, list[str]]]:
+    """Held-out, inner-train and inner-validation patients of every fold; written once, then checked on resume."""
+    held_out = patient_folds(cache.patients, cache.labels, folds, seed)
+    plan = []
+    for k, test in enumerate(held_out):
+        training = np.isin(cache.patients, test, invert=True)
+        # Tiny datasets (tests) get fewer, larger groups, so the validation group still holds tumor slices.
+        groups = min(INNER_GROUPS, max(2, len(set(cache.patients[training].tolist())) // 3))
+        inner = patient_folds(cache.patients[training], cache.labels[training], groups, seed + k)
+        validation = inner[0]
+        train = sorted(set(cache.patients[training].tolist()) - set(validation))
+        plan.append({"held_out": test, "train": train, "validation": validation})
+    if path.exists() and json.loads(path.read_text()) != plan:
+        raise SystemExit(f"{path} holds another fold plan (data, --folds or --seed changed): use a new --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan, indent=1) + "\n")
+    return plan
+
+
+def predict_fold(model_path: Path, cache: SliceCache, fold: dict[str, list[str]], out: Path) -> None:
+    """The fold's network on its inner-validation and held-out slices, with and without flip averaging."""
+    model, _ = load_model(model_path)
+    arrays = {}
+    for part in ("validation", "held_out"):
+        indices = cache.indices_of(fold[part])
+        images = cache.images[indices]
+        arrays[f"{part}_indices"] = indices
+        for flip in (False, True):
+            suffix = "_flip" if flip else ""
+            arrays[f"{part}_tumor_probability{suffix}"] = predict(classifier_of(model), images, flip=flip)[:, 0]
+            arrays[f"{part}_probability_maps{suffix}"] = predict(model, images, flip=flip)[:, 0].astype(np.float16)
+    partial = out.with_suffix(".partial.npz")
+    np.savez(partial, **arrays)
+    partial.replace(out)
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    out = Path(args.out)
+    setup_logging(out / "cv.log")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = config_from_args(args, "joint")
+    cache = load_cache(Path(args.data), config.size, Path(args.cache_dir))
+    plan = fold_plan(cache, args.folds, config.seed, out / "folds.json")
+    runtime = Runtime.start()
+    for k in args.only_folds or range(args.folds):
+        fold_dir = out / f"fold{k}"
+        if (fold_dir / OUTPUTS_FILE).exists():
+            continue
+        fold = plan[k]
+        log.info(
+            "fold %d/%d: %d training, %d inner-validation, %d held-out patients",
+            k + 1,
+            args.folds,
+            len(fold["train"]),
+            len(fold["validation"]),
+            len(fold["held_out"]),
+        )
+        model_path = fit(
+            config,
+            cache,
+            cache.indices_of(fold["train"]),
+            cache.indices_of(fold["validation"]),
+            fold_dir,
+            runtime,
+            resume=True,
+            progress=args.progress,
+        )
+        predict_fold(model_path, cache, fold, fold_dir / OUTPUTS_FILE)
+    done = [k for k in range(args.folds) if (out / f"fold{k}" / OUTPUTS_FILE).exists()]
+    if not done:
+        return None
+    report = cross_validation_report(cache, plan, {k: np.load(out / f"fold{k}" / OUTPUTS_FILE) for k in done}, args)
+    write_report(report, cache, out)
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--out", default="runs/cv", help="folds.json, fold<k>/ checkpoints and outputs, the report")
+    parser.add_argument("--only-folds", type=int, nargs="+", help="train these folds only (e.g. one per machine)")
+    parser.add_argument(
+        "--sensitivity",
+        type=float,
+        default=0.97,
+        help="classifier threshold: highest with at least this inner-validation sensitivity",
+    )
+    add_config_arguments(parser)
