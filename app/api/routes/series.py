@@ -17,12 +17,11 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import ServiceDep, SettingsDep
 from app.api.routes.predict import ERRORS, model_versions, ms
 from app.api.schemas import MaskFormat, ModelVersions, PngMask, RleMask
+from app.core.analysis import analyse_series, series_limits
 from app.core.codecs import FLAIR_CHANNEL, mask_to_png_base64, mask_to_rle
-from app.core.config import Settings
 from app.core.dicom_seg import build_segmentation
 from app.core.pipeline import SlicePrediction
-from app.core.postprocessing import keep_largest_component
-from app.core.series import Series, SeriesLimits, Upload, read_series
+from app.core.series import Series, Upload, read_series
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +87,6 @@ FilesField = Annotated[
         "DICOM file, or PNG/TIFF slices whose file names end with their slice number."
     ),
 ]
-
-
-def series_limits(settings: Settings) -> SeriesLimits:
-    return SeriesLimits.from_settings(settings)
-
-
-def stack_masks(series: Series, predictions: list[SlicePrediction]) -> np.ndarray:
-    height, width = series.slices[0].pixels.shape[:2]
-    masks = np.zeros((len(predictions), height, width), bool)
-    for index, prediction in enumerate(predictions):
-        if prediction.mask is not None:
-            masks[index] = prediction.mask
-    return masks
 
 
 def encode_mask(mask: np.ndarray, mask_format: MaskFormat) -> dict | None:
@@ -187,10 +173,8 @@ async def predict_series(
     uploads = [Upload(f.filename, await f.read(), f.content_type) for f in files]
     series = await run_in_threadpool(read_series, uploads, series_limits(settings))
     del uploads
-    predictions = await service.predict([s.pixels for s in series.slices])
-    masks = stack_masks(series, predictions)
-    if largest_component:
-        masks = await run_in_threadpool(keep_largest_component, masks)
+    analysis = await analyse_series(service, series, largest_component)
+    predictions, masks = analysis.predictions, analysis.masks
     # Counts and geometry only: nothing that identifies the patient is logged.
     log.info("series: %d slices ordered by %s, %d tumor voxels", len(masks), series.ordered_by, int(masks.sum()))
     if output is SeriesOutput.seg:
