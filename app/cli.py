@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from app import bulk, triton_export
+from app import bulk, integration_cli, triton_export
 from app.api.schemas import BatchItem, MaskFormat
 from app.client import ClientError, ServiceError, ServiceUnreachable, TumorClient, mask_array
 
@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=run_predict)
     triton_export.add_command(commands)
     bulk.add_command(commands)
+    integration_cli.add_commands(commands)
     return parser
 
 

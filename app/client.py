@@ -22,7 +22,16 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from app.api.schemas import BatchPrediction, MaskFormat, ModelsInfo, PngMask, Prediction, RleMask, Status
+from app.api.schemas import (
+    BatchPrediction,
+    MaskFormat,
+    ModelsInfo,
+    PngMask,
+    Prediction,
+    RleMask,
+    SeriesPrediction,
+    Status,
+)
 
 # A slice to send: a path to an image file, or its bytes (then the name is "slice").
 ImageSource = str | os.PathLike[str] | bytes
@@ -199,21 +208,43 @@ class TumorClient:
         largest_component: bool = False,
         mask_format: MaskFormat | str = MaskFormat.rle,
         include_images: bool = False,
-    ) -> dict[str, Any]:
+    ) -> SeriesPrediction:
         """POST /v1/series: the slices of one series (DICOM files, a zip of them, a multi-frame DICOM, or numbered
-        PNG/TIFF slices) in anatomical order with the tumor volume; the fields are in the service's /docs.
-        Decode each slice's mask with decode_mask()."""
+        PNG/TIFF slices) in anatomical order with the tumor volume. Decode each slice's mask with decode_mask()."""
         params = {
             "largest_component": largest_component,
             "mask_format": MaskFormat(mask_format).value,
             "include_images": include_images,
         }
-        return self.request("POST", "/v1/series", params=params, files=file_parts(files, "files")).json()
+        response = self.request("POST", "/v1/series", params=params, files=file_parts(files, "files"))
+        return SeriesPrediction.model_validate(response.json())
 
     def series_seg(self, files: ImageSources, *, largest_component: bool = False) -> bytes:
         """POST /v1/series?output=seg: a DICOM SEG of the series' tumor (DICOM input only)."""
         params = {"output": "seg", "largest_component": largest_component}
         return self.request("POST", "/v1/series", params=params, files=file_parts(files, "files")).content
+
+    def nifti_mask(self, files: ImageSources, *, largest_component: bool = False) -> tuple[bytes, int, float | None]:
+        """POST /v1/nifti (FLAIR alone, one 4-D file, or 3 files: pre-contrast, FLAIR, post-contrast): the mask as
+        a gzipped NIfTI on the input's grid and affine, the tumor voxels, and the volume in mL (None without
+        spacing)."""
+        params = {"largest_component": largest_component}
+        response = self.request("POST", "/v1/nifti", params=params, files=file_parts(files, "files"))
+        volume = response.headers.get("X-Tumor-Volume-mL")
+        return response.content, int(response.headers["X-Tumor-Voxels"]), float(volume) if volume else None
+
+    def dicomweb_series(
+        self, dicomweb_url: str, study_instance_uid: str, series_instance_uid: str, *, store: bool = True
+    ) -> dict[str, Any]:
+        """POST /v1/dicomweb/series: the service pulls the series from the PACS (WADO-RS), segments it and, with
+        store, puts the DICOM SEG back (STOW-RS); the counts, volume and the SEG's UIDs."""
+        body = {
+            "dicomweb_url": dicomweb_url,
+            "study_instance_uid": study_instance_uid,
+            "series_instance_uid": series_instance_uid,
+            "store": store,
+        }
+        return self.request("POST", "/v1/dicomweb/series", json=body).json()
 
     def mask_png(self, image: ImageSource, *, filename: str | None = None) -> bytes:
         """POST /v1/predict/mask.png: the mask as a 1-bit PNG the size of the slice."""

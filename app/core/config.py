@@ -8,8 +8,6 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.core.admission import default_capacity
-
 MiB = 1024 * 1024
 # Best first; "auto" keeps the ones this onnxruntime build offers.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -66,29 +64,33 @@ class Settings(BaseSettings):
         1024 * MiB, ge=256 * MiB, description="Address-space limit (RLIMIT_AS) of each DICOM decoder worker."
     )
 
-    max_in_flight_slices: int = Field(
-        default_factory=default_capacity,
-        ge=1,
-        description="Slices admitted at once (decoding, queued or computing); beyond it a fast 503 with Retry-After. "
-        "Default: 2 per core this process may use.",
-    )
-    shutdown_drain_s: float = Field(
-        3.0,
-        ge=0,
-        description="After SIGTERM: how long /readyz answers 503 while requests are still served, so load balancers "
-        "stop sending before the listening socket closes.",
-    )
-    shutdown_grace_s: float = Field(
-        30.0, ge=0, description="After the drain: how long requests in flight may take to finish before exit."
-    )
-
     api_key: SecretStr | None = Field(None, description="When set, every route but health and metrics requires it.")
-    cors_origins: list[str] = Field(
-        [],
-        description="Origins whose browser pages may call the API (JSON list, e.g. '[\"https://viewer.example\"]'); "
-        "empty: no CORS headers, so only same-origin pages can.",
-    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    # The DICOM node (app/core/dicom_node.py): off unless asked for.
+    dicom_node: bool = Field(False, description="Listen as a DICOM AE (C-ECHO, C-STORE of MR images).")
+    dicom_ae_title: str = Field("LGG-TUMOR", min_length=1, max_length=16, description="This node's AE title.")
+    dicom_host: str = Field("0.0.0.0", description="Address the DICOM node listens on.")
+    dicom_port: int = Field(11112, ge=0, le=65535, description="DICOM port; 0 = any free port (tests).")
+    dicom_allowed_calling_aes: str = Field(
+        "", description="Comma-separated calling AE titles allowed to associate; empty = any (trusted networks only)."
+    )
+    dicom_destination: str = Field(
+        "", description="Where the DICOM SEG goes by C-STORE, as AE_TITLE@host:port (typically the sending PACS)."
+    )
+    dicom_quiet_s: float = Field(
+        10.0, gt=0, description="A series is processed once no new instance of it arrived for this many seconds."
+    )
+    dicom_spool_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "lgg-dicom-spool",
+        description="Received instances wait here until their SEG is sent; failed series stay here with the error.",
+    )
+    dicom_spool_max_bytes: int = Field(
+        2048 * MiB, ge=1, description="Spool size cap; beyond it C-STORE answers 'out of resources' (0xA700)."
+    )
+    dicomweb_allowed_urls: str = Field(
+        "", description="Comma-separated DICOMweb URL prefixes /v1/dicomweb may call; empty = any (trusted callers)."
+    )
 
     @cached_property
     def provider_list(self) -> list[str]:

@@ -1,0 +1,35 @@
+"""The DICOM node's spool: bounded, nothing lost across a restart, failures kept with their error and retried."""
+
+from pathlib import Path
+
+from app.core.dicom_spool import DicomSpool
+
+SERIES = "1.2.826.0.1.3680043.8.498.1"
+
+
+def test_the_spool_refuses_what_would_pass_its_cap(tmp_path: Path) -> None:
+    spool = DicomSpool(tmp_path, max_bytes=250)
+    assert spool.store(SERIES, "1.1", b"x" * 100) and spool.store(SERIES, "1.2", b"x" * 100)
+    assert not spool.store(SERIES, "1.3", b"x" * 100)  # 300 > 250: refused, nothing written
+    assert spool.store(SERIES, "1.2", b"y" * 120)  # the same instance again replaces itself: 220
+    assert spool.bytes == 220 and len(list((tmp_path / "incoming").rglob("*.dcm"))) == 2
+
+
+def test_due_series_survive_a_restart_and_failures_keep_their_error(tmp_path: Path) -> None:
+    spool = DicomSpool(tmp_path, max_bytes=10_000)
+    spool.store(SERIES, "1.1", b"a" * 10)
+    spool.store("2.25.2", "2.1", b"b" * 10)
+    assert spool.take_due(quiet_s=3600) == []  # not quiet yet
+    [batch, other] = sorted(spool.take_due(quiet_s=0))
+    restarted = DicomSpool(tmp_path, max_bytes=10_000)  # a crash while both were processing
+    assert sorted(restarted.take_due(quiet_s=3600)) == sorted([batch, other]) and restarted.bytes == 20
+    restarted.fail(batch, "400: the slices have different orientations")
+    restarted.done(other)
+    [failed] = restarted.list_failed()
+    assert (failed.batch, failed.instances, failed.attempts) == (batch, 1, 1) and "orientations" in failed.error
+    assert SERIES not in str(failed) and restarted.bytes == 10
+    assert restarted.retry(batch) and not restarted.retry("../incoming") and not restarted.retry("nope")
+    assert restarted.take_due(quiet_s=3600) == [batch]
+    restarted.fail(batch, "again")
+    assert [f.attempts for f in restarted.list_failed()] == [2]
+    assert restarted.counts() == {"incoming": 0, "processing": 0, "failed": 1}
