@@ -6,11 +6,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
-from app.api.deps import require_api_key
+from app.api.deps import declare_api_key
 from app.api.errors import add_error_handlers
 from app.api.limits import BodyLimitMiddleware
+from app.api.overload import AdmissionMiddleware
 from app.api.routes import dicom_node, dicomweb, health, models, nifti, predict, series, viewer
+from app.api.security import ApiKeyMiddleware, RedactCredentials, SecurityHeadersMiddleware
+from app.api.shutdown import CloseWhenDrainingMiddleware, drain_on_sigterm
+from app.core.admission import Admission
 from app.core.config import Settings
 from app.core.dicom_node import start_dicom_node
 from app.core.onnx_sessions import read_model_card
@@ -28,12 +34,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Fast and fatal: a missing file or a wrong checksum stops the process before it listens.
     card = read_model_card(settings.model_dir)
     log.info("model card %s verified in %s", card.version, settings.model_dir)
-    service = app.state.service = InferenceService(settings, card, app.state.metrics)
+    service = app.state.service = InferenceService(settings, card, app.state.metrics, app.state.admission)
     loading = asyncio.create_task(service.load(), name="load-models")
     node = app.state.dicom_node = await start_dicom_node(settings, service, app.state.metrics.registry)
+    restore_sigterm = drain_on_sigterm(service, settings)
     try:
         yield
     finally:
+        restore_sigterm()
         if node is not None:
             await node.stop()
         await service.stop()
@@ -45,7 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("app").setLevel(settings.log_level)
-    app = FastAPI(
+    logging.getLogger("uvicorn.access").addFilter(RedactCredentials())
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the app itself, not from a CDN (offline sites).
+    app = FastAPIOffline(
         title="LGG brain MRI tumor service",
         version="0.1.0",
         description="Detects lower-grade glioma FLAIR abnormalities in brain MRI slices and segments them. "
@@ -53,8 +63,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.metrics = ServiceMetrics()
+    metrics = app.state.metrics = ServiceMetrics()
+    metrics.admission_capacity.set(settings.max_in_flight_slices)
+    app.state.admission = Admission(settings.max_in_flight_slices, metrics.in_flight.set, metrics.rejected.inc)
     add_error_handlers(app)
+    # Middleware, innermost first: admission, closing connections while draining, body caps, API key, CORS,
+    # security headers, metrics (outermost: counts the 401s, 413s and 503s too).
+    app.add_middleware(AdmissionMiddleware, admission=app.state.admission)
+    app.add_middleware(CloseWhenDrainingMiddleware)
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
@@ -64,8 +80,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "/v1/nifti": settings.max_batch_bytes,
         },
     )
-    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)  # outermost: counts the 413s too
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type"],
+        )
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(declare_api_key)] if settings.api_key is not None else [])
     v1.include_router(predict.router)
     v1.include_router(models.router)
     v1.include_router(series.router)

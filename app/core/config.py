@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.core.admission import default_capacity
+
 MiB = 1024 * 1024
 # Best first; "auto" keeps the ones this onnxruntime build offers.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -64,7 +66,28 @@ class Settings(BaseSettings):
         1024 * MiB, ge=256 * MiB, description="Address-space limit (RLIMIT_AS) of each DICOM decoder worker."
     )
 
+    max_in_flight_slices: int = Field(
+        default_factory=default_capacity,
+        ge=1,
+        description="Slices admitted at once (decoding, queued or computing); beyond it a fast 503 with Retry-After. "
+        "Default: 2 per core this process may use.",
+    )
+    shutdown_drain_s: float = Field(
+        3.0,
+        ge=0,
+        description="After SIGTERM: how long /readyz answers 503 while requests are still served, so load balancers "
+        "stop sending before the listening socket closes.",
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="After the drain: how long requests in flight may take to finish before exit."
+    )
+
     api_key: SecretStr | None = Field(None, description="When set, every route but health and metrics requires it.")
+    cors_origins: list[str] = Field(
+        [],
+        description="Origins whose browser pages may call the API (JSON list, e.g. '[\"https://viewer.example\"]'); "
+        "empty: no CORS headers, so only same-origin pages can.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     # The DICOM node (app/core/dicom_node.py): off unless asked for.
