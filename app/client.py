@@ -97,10 +97,8 @@ def png_to_mask(png: PngMask) -> np.ndarray:
         return np.asarray(image.convert("L")) > 0
 
 
-def decode_mask(mask: RleMask | PngMask | dict[str, Any] | None) -> np.ndarray | None:
-    """A mask as the service sends it (a model, or the JSON dict of /v1/series) -> bool HxW array, or None."""
-    if isinstance(mask, dict):
-        mask = (RleMask if mask.get("format") == "rle" else PngMask).model_validate(mask)
+def decode_mask(mask: RleMask | PngMask | None) -> np.ndarray | None:
+    """A mask as the client returns it (in a Prediction or a series' SliceResult) -> bool HxW array, or None."""
     if isinstance(mask, RleMask):
         return rle_to_mask(mask)
     if isinstance(mask, PngMask):

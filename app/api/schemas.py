@@ -65,6 +65,54 @@ class Prediction(BaseModel):
     timings: Timings | None = Field(None, description="Milliseconds per stage (single-slice routes).")
 
 
+class SliceResult(BaseModel):
+    index: int = Field(description="Position in anatomical order, from 0.")
+    sop_instance_uid: str | None = Field(description="The source DICOM instance (null for PNG/TIFF slices).")
+    frame_number: int | None = Field(description="1-based frame within a multi-frame DICOM file, else null.")
+    filename: str | None = Field(description="The uploaded file name, for PNG/TIFF slices only.")
+    tumor_detected: bool = Field(
+        description="True exactly when the mask has at least one pixel: the classifier passed its threshold AND the "
+        "segmenter marked a region of at least the card's min_component_pixels. Flag, mask, area and bbox agree."
+    )
+    tumor_probability: float = Field(description="Classifier output in [0, 1].")
+    mask: RleMask | PngMask | None = Field(
+        description="The slice's tumor mask (after the 3-D cleanup when asked), null when it has no tumor pixel "
+        "or mask_format=none."
+    )
+    area_pixels: int = Field(description="Tumor pixels in this slice's mask.")
+    image: str | None = Field(
+        None,
+        description="With include_images=true: base64 PNG of the 8-bit FLAIR the models saw "
+        "(after the DICOM window), for viewers.",
+    )
+
+
+class VoxelSpacing(BaseModel):
+    row_mm: float = Field(description="Between rows (PixelSpacing[0]).")
+    column_mm: float = Field(description="Between columns (PixelSpacing[1]).")
+    slice_mm: float = Field(description="Between slices.")
+    slice_from: str = Field(
+        description="Where slice_mm comes from: 'positions' (ImagePositionPatient), 'SpacingBetweenSlices' "
+        "or 'SliceThickness'."
+    )
+
+
+class SeriesPrediction(BaseModel):
+    slices: list[SliceResult] = Field(description="One entry per slice, in anatomical order.")
+    slice_count: int
+    ordered_by: str = Field(description="'position', 'instance_number', 'filename' or 'single slice'.")
+    image_size: list[int] = Field(description="[height, width] of every slice.")
+    largest_component: bool = Field(description="Whether only the largest 3-D connected tumor region was kept.")
+    tumor_slices: int = Field(description="Slices with at least one tumor pixel.")
+    tumor_volume_voxels: int = Field(description="Tumor pixels over all slices.")
+    tumor_volume_ml: float | None = Field(
+        description="tumor_volume_voxels x row x column x slice spacing / 1000; null without DICOM spacing."
+    )
+    voxel_spacing: VoxelSpacing | None
+    models: ModelVersions
+    total_ms: float
+
+
 class BatchItem(BaseModel):
     filename: str | None
     status_code: int = Field(description="200, or the status this file alone would have got (400, 413, 415).")

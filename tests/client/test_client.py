@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from app.api.schemas import PngMask, RleMask
+from app.api.schemas import PngMask, RleMask, SeriesPrediction
 from app.client import (
     ServiceError,
     ServiceUnreachable,
@@ -97,6 +97,9 @@ def test_health_ready_and_models(plain_client: TumorClient) -> None:
     models = plain_client.models()
     assert models.providers["classifier"] == ["CPUExecutionProvider"]
     assert set(models.thresholds) == {"classifier", "segmenter"}
+    # The card comes back typed, as the service validated it.
+    assert models.card.models.classifier.threshold == models.thresholds["classifier"]
+    assert models.card.input.size == models.input_size
     assert "\nlgg_ready 1.0\n" in plain_client.metrics()
 
 
@@ -173,13 +176,15 @@ def test_series_orders_the_slices_and_their_masks_decode(tumor_client: TumorClie
     instances = [to_bytes(ds) for ds in mr_series(flair_volume(3, 64, 48))]
     shuffled = [(f"{n}.dcm", instances[n]) for n in (2, 0, 1)]
     series = tumor_client.predict_series(shuffled, mask_format="png")
-    assert series["slice_count"] == 3 and series["ordered_by"] == "position"
-    assert [s["frame_number"] for s in series["slices"]] == [None] * 3
-    masks = [decode_mask(s["mask"]) for s in series["slices"]]
+    assert isinstance(series, SeriesPrediction)
+    assert series.slice_count == 3 and series.ordered_by == "position"
+    assert [s.frame_number for s in series.slices] == [None] * 3
+    masks = [decode_mask(s.mask) for s in series.slices]
     assert all(m is not None and m.shape == (64, 48) for m in masks)
-    assert [int(m.sum()) for m in masks] == [s["area_pixels"] for s in series["slices"]]
-    assert series["tumor_volume_voxels"] == sum(s["area_pixels"] for s in series["slices"]) > 0
-    assert series["tumor_volume_ml"] is not None
+    assert [int(m.sum()) for m in masks] == [s.area_pixels for s in series.slices]
+    assert series.tumor_volume_voxels == sum(s.area_pixels for s in series.slices) > 0
+    assert series.tumor_volume_ml is not None and series.voxel_spacing is not None
+    assert series.models.card_version == tumor_client.models().card.version
 
 
 def test_series_seg_is_a_dicom_file(tumor_client: TumorClient) -> None:

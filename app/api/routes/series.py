@@ -11,12 +11,11 @@ import numpy as np
 from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.responses import Response
 from PIL import Image
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ServiceDep, SettingsDep
 from app.api.routes.predict import ERRORS, model_versions, ms
-from app.api.schemas import MaskFormat, ModelVersions, PngMask, RleMask
+from app.api.schemas import MaskFormat, ModelVersions, SeriesPrediction, SliceResult, VoxelSpacing
 from app.core.analysis import analyse_series, series_limits
 from app.core.codecs import FLAIR_CHANNEL, mask_to_png_base64, mask_to_rle
 from app.core.dicom_seg import build_segmentation
@@ -33,51 +32,6 @@ DICOM_MEDIA_TYPE = "application/dicom"
 class SeriesOutput(StrEnum):
     json = "json"
     seg = "seg"
-
-
-class SliceResult(BaseModel):
-    index: int = Field(description="Position in anatomical order, from 0.")
-    sop_instance_uid: str | None = Field(description="The source DICOM instance (null for PNG/TIFF slices).")
-    frame_number: int | None = Field(description="1-based frame within a multi-frame DICOM file, else null.")
-    filename: str | None = Field(description="The uploaded file name, for PNG/TIFF slices only.")
-    tumor_detected: bool = Field(description="The classifier's decision for this slice.")
-    tumor_probability: float = Field(description="Classifier output in [0, 1].")
-    mask: RleMask | PngMask | None = Field(
-        description="The slice's tumor mask (after the 3-D cleanup when asked), null when it has no tumor pixel "
-        "or mask_format=none."
-    )
-    area_pixels: int = Field(description="Tumor pixels in this slice's mask.")
-    image: str | None = Field(
-        None,
-        description="With include_images=true: base64 PNG of the 8-bit FLAIR the models saw "
-        "(after the DICOM window), for viewers.",
-    )
-
-
-class VoxelSpacing(BaseModel):
-    row_mm: float = Field(description="Between rows (PixelSpacing[0]).")
-    column_mm: float = Field(description="Between columns (PixelSpacing[1]).")
-    slice_mm: float = Field(description="Between slices.")
-    slice_from: str = Field(
-        description="Where slice_mm comes from: 'positions' (ImagePositionPatient), 'SpacingBetweenSlices' "
-        "or 'SliceThickness'."
-    )
-
-
-class SeriesPrediction(BaseModel):
-    slices: list[SliceResult] = Field(description="One entry per slice, in anatomical order.")
-    slice_count: int
-    ordered_by: str = Field(description="'position', 'instance_number', 'filename' or 'single slice'.")
-    image_size: list[int] = Field(description="[height, width] of every slice.")
-    largest_component: bool = Field(description="Whether only the largest 3-D connected tumor region was kept.")
-    tumor_slices: int = Field(description="Slices with at least one tumor pixel.")
-    tumor_volume_voxels: int = Field(description="Tumor pixels over all slices.")
-    tumor_volume_ml: float | None = Field(
-        description="tumor_volume_voxels x row x column x slice spacing / 1000; null without DICOM spacing."
-    )
-    voxel_spacing: VoxelSpacing | None
-    models: ModelVersions
-    total_ms: float
 
 
 FilesField = Annotated[
