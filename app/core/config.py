@@ -1,7 +1,6 @@
 """Service settings, read from environment variables prefixed `LGG_` (e.g. `LGG_MODEL_DIR=/models`)."""
 
 import tempfile
-from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -11,8 +10,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.core.admission import default_capacity
 
 MiB = 1024 * 1024
-# Best first; "auto" keeps the ones this onnxruntime build offers.
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
 class Settings(BaseSettings):
@@ -22,8 +19,9 @@ class Settings(BaseSettings):
     model_dir: Path = Field(Path("models"), description="Folder with model_card.json and the ONNX files it names.")
     providers: str = Field(
         "auto",
-        description="Comma-separated ONNX Runtime execution providers, best first, or 'auto' "
-        "(TensorRT -> CUDA -> CPU, as far as this onnxruntime build offers them).",
+        description="Comma-separated ONNX Runtime execution providers, best first, or 'auto': TensorRT -> CUDA -> "
+        "CPU, each GPU provider only where a CUDA device is visible and its libraries load "
+        "(app/core/onnx_sessions.py choose_providers; one log line says what was chosen and why).",
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per session; 0 = all cores.")
     intra_op_spinning: bool = Field(
@@ -114,16 +112,6 @@ class Settings(BaseSettings):
     dicomweb_allowed_urls: str = Field(
         "", description="Comma-separated DICOMweb URL prefixes /v1/dicomweb may call; empty = any (trusted callers)."
     )
-
-    @cached_property
-    def provider_list(self) -> list[str]:
-        """The providers to ask for, best first; always ends with the CPU provider as the last resort."""
-        if self.providers.strip().lower() == "auto":
-            import onnxruntime as ort
-
-            available = set(ort.get_available_providers())
-            return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
-        return [p.strip() for p in self.providers.split(",") if p.strip()]
 
     @property
     def warmup_batch_sizes(self) -> list[int]:
