@@ -35,7 +35,9 @@ messages name only technical attributes (transfer syntax, sizes), never a patien
 """
 
 import io
+import logging
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +66,8 @@ from app.core.limits import ImageLimits, ImageRejected, PixelBudget
 # birth date would end up in the service's logs. Values are never validated here; pixel data still are.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+# pydicom's decoders log corrupt pixel data at ERROR with a traceback; here that is the client's 400, not a fault.
+logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
 DICOM_CONTENT_TYPES = ("application/dicom", "application/dicom+octet-stream")
 PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -77,6 +81,7 @@ ITEM_TAG = b"\xfe\xff\x00\xe0"  # how encapsulated (compressed) pixel data start
 IN_PROCESS_SYNTAXES = (RLELossless,)
 HEADER_PEEK_BYTES = 1 << 20  # of a deflated dataset, inflated to read the declared sizes first
 HEADER_SLACK_BYTES = 1 << 20  # what a deflated file may hold beside its declared pixel data
+CHUNK_VALUES = 1 << 20  # values windowed at once: bounds the float64 temporaries of a 4096 x 4096 frame
 
 
 @dataclass(frozen=True)
@@ -145,15 +150,13 @@ def syntax_name(syntax: UID) -> str:
     return syntax.name if syntax.is_transfer_syntax else "an unknown transfer syntax"
 
 
-def rescale(values: np.ndarray, dataset: Dataset, frame_index: int) -> tuple[np.ndarray, bool]:
-    """Stored values -> modality values (float64); also says whether a non-identity rescale was applied."""
+def rescale_parameters(dataset: Dataset, frame_index: int) -> tuple[float, float]:
+    """RescaleSlope and RescaleIntercept of one frame (identity when absent or unreadable)."""
     slope = first_number(frame_attribute(dataset, frame_index, "PixelValueTransformationSequence", "RescaleSlope"))
     intercept = first_number(
         frame_attribute(dataset, frame_index, "PixelValueTransformationSequence", "RescaleIntercept")
     )
-    slope = 1.0 if slope is None else slope
-    intercept = 0.0 if intercept is None else intercept
-    return values.astype(np.float64) * slope + intercept, (slope, intercept) != (1.0, 0.0)
+    return (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
 
 
 def voi_window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -167,36 +170,73 @@ def voi_window(values: np.ndarray, center: float, width: float, function: str) -
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
-def percentile_window(values: np.ndarray) -> np.ndarray:
-    """Linear window from the 0.5th to the 99.5th percentile, clipped; a flat slice becomes 0."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return np.zeros(values.shape, np.uint8)
-    low, high = np.percentile(finite, PERCENTILE_WINDOW)
+def percentile_bounds(values: np.ndarray) -> tuple[float, float] | None:
+    """The 0.5th and 99.5th percentiles of the finite values (None when there are none)."""
+    if values.dtype.kind == "f":
+        values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    low, high = np.percentile(values, PERCENTILE_WINDOW)
+    return float(low), float(high)
+
+
+def window_between(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Linear window from low to high, clipped to 0..255; a flat window gives 0."""
     if high <= low:
         return np.zeros(values.shape, np.uint8)
     scaled = np.nan_to_num((values - low) * (255.0 / (high - low)), nan=0.0, posinf=255.0, neginf=0.0)
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
+def percentile_window(values: np.ndarray) -> np.ndarray:
+    """Linear window from the 0.5th to the 99.5th percentile, clipped; a flat slice becomes 0."""
+    bounds = percentile_bounds(values)
+    return np.zeros(values.shape, np.uint8) if bounds is None else window_between(values, *bounds)
+
+
+def in_chunks(stored: np.ndarray, function: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """function over blocks of rows of about CHUNK_VALUES values: float64 temporaries stay small on big frames."""
+    out = np.empty(stored.shape, np.uint8)
+    rows = max(1, CHUNK_VALUES // max(1, stored[0].size))
+    for start in range(0, len(stored), rows):
+        out[start : start + rows] = function(stored[start : start + rows])
+    return out
+
+
 def to_uint8(stored: np.ndarray, dataset: Dataset, frame_index: int, photometric: str) -> np.ndarray:
     """One frame's stored values -> the 8-bit slice (see the module docstring for the rules)."""
-    values, rescaled = rescale(stored, dataset, frame_index)
+    slope, intercept = rescale_parameters(dataset, frame_index)
+    rescaled = (slope, intercept) != (1.0, 0.0)
+
+    def modality(chunk: np.ndarray) -> np.ndarray:  # step 1: stored -> modality values
+        return chunk.astype(np.float64) * slope + intercept
+
     if photometric in MONOCHROME:
         center = first_number(frame_attribute(dataset, frame_index, "FrameVOILUTSequence", "WindowCenter"))
         width = first_number(frame_attribute(dataset, frame_index, "FrameVOILUTSequence", "WindowWidth"))
         function = str(frame_attribute(dataset, frame_index, "FrameVOILUTSequence", "VOILUTFunction") or "LINEAR")
         minimum_width = 1.0 if function == "LINEAR" else 0.0
         if center is not None and width is not None and width > minimum_width:
-            windowed = voi_window(values, center, width, function)
+            windowed = in_chunks(stored, lambda chunk: voi_window(modality(chunk), center, width, function))
         elif stored.dtype == np.uint8 and not rescaled:
             windowed = stored
         else:
-            windowed = percentile_window(values)
+            windowed = percentile_frame(stored, modality, slope, intercept)
         return 255 - windowed if photometric == "MONOCHROME1" else windowed
     if stored.dtype == np.uint8 and not rescaled:
         return stored
-    return percentile_window(values)
+    return percentile_frame(stored, modality, slope, intercept)
+
+
+def percentile_frame(
+    stored: np.ndarray, modality: Callable[[np.ndarray], np.ndarray], slope: float, intercept: float
+) -> np.ndarray:
+    """The percentile window of the modality values, its bounds taken on the stored values (affine: same order)."""
+    bounds = percentile_bounds(stored)
+    if bounds is None:
+        return np.zeros(stored.shape, np.uint8)
+    low, high = sorted(bound * slope + intercept for bound in bounds)  # a negative slope swaps them
+    return in_chunks(stored, lambda chunk: window_between(modality(chunk), low, high))
 
 
 def corrupt_header() -> ImageRejected:

@@ -22,7 +22,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -377,7 +377,11 @@ class Campaign:
     transport_errors: int = 0  # no answer: the process died or dropped the connection
     peak_rss_mib: float = 0.0
     seconds: float = 0.0
-    failures: list[str] | None = None
+    failures: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # crafted case -> seconds to its answer
+
+    def slowest(self, count: int = 5) -> list[tuple[str, float]]:
+        return sorted(self.timings.items(), key=lambda item: -item[1])[:count]
 
     def summary(self) -> str:
         return (
@@ -397,13 +401,16 @@ def rss_mib(pid: int | None) -> float:
 
 def send_cases(url: str, cases: Iterable[Case], pid: int | None = None, timeout_s: float = 120) -> Campaign:
     """Send every case to the service at `url`; counts 5xx, wrong statuses and lost connections."""
-    campaign = Campaign(failures=[])
+    campaign = Campaign()
     started = time.monotonic()
     with httpx.Client(base_url=url, timeout=timeout_s) as client:
         for case in cases:
             campaign.sent += 1
+            sent_at = time.monotonic()
             try:
                 status = client.post(case.route, files=case.multipart()).status_code
+                if case.expect is not None:
+                    campaign.timings[case.name] = time.monotonic() - sent_at
             except httpx.TransportError as error:
                 campaign.transport_errors += 1
                 campaign.failures.append(f"{case.name}: no answer ({type(error).__name__})")
@@ -427,8 +434,10 @@ def main() -> None:
     parser.add_argument("--pid", type=int, help="the server's pid, for its peak RSS (VmHWM)")
     args = parser.parse_args()
     campaign = send_cases(args.url, [*crafted_cases(), *mutated_cases(args.count, args.seed)], args.pid)
-    for failure in campaign.failures or []:
+    for failure in campaign.failures:
         print("FAIL", failure)
+    for name, seconds in campaign.slowest(8):
+        print(f"slowest crafted: {seconds * 1000:8.0f} ms  {name}")
     print(campaign.summary())
     raise SystemExit(1 if campaign.failures else 0)
 
