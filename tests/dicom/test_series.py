@@ -268,3 +268,13 @@ def test_series_pixel_budget_is_the_request_pixel_setting(
     assert client.post("/v1/series", files=multipart(series_files[:3])).status_code == 200
     response = client.post("/v1/series", files=multipart(series_files[:4]))
     assert response.status_code == 413 and "decoded pixel values" in response.json()["detail"]
+
+
+def test_batch_pixel_budget_refuses_only_the_files_past_it(
+    make_dicom_client: Callable[..., TestClient], series_files: list[bytes]
+) -> None:
+    client = make_dicom_client(max_request_pixels=2 * SIZE * SIZE)
+    files = [("files", (f"IM{n}.dcm", data, "application/dicom")) for n, data in enumerate(series_files[:3])]
+    body = client.post("/v1/predict/batch", files=files).json()
+    assert [item["status_code"] for item in body["results"]] == [200, 200, 413]
+    assert "decoded pixel values" in body["results"][2]["detail"]
