@@ -63,11 +63,15 @@ class Hyperparameters(CardModel):
 
 class TrainingRun(CardModel):
     device: str | None = Field(description="Torch device the run trained on, from its checkpoint; null if unrecorded.")
-    best_epoch: int
-    best_validation_metric: float
-    seconds_to_best_epoch: int
+    # Runs that picked a checkpoint by validation score (before the whole-schedule recipe) record it here.
+    best_epoch: int | None = None
+    best_validation_metric: float | None = None
+    seconds_to_best_epoch: int | None = None
     epochs_run: int | None = None
     seconds_run: int | None = None
+    final_validation: dict[str, float] | None = Field(
+        None, description="Validation scores of the exported weights (the last epoch's), when the run had any."
+    )
     hyperparameters: Hyperparameters
 
 
@@ -179,7 +183,9 @@ class ModelCardSchema(CardModel):
     input: InputSpec
     models: Models
     postprocessing: Postprocessing | None = None
-    metrics: dict[str, SplitMetrics] = Field(description="By split: val, test.")
+    metrics: dict[str, SplitMetrics] | None = Field(
+        None, description="By split: val, test (single-split evaluation); null for models trained on every patient."
+    )
     cross_validation: CrossValidation | None = None
     data: DataDescription
     hardware: ExportEnvironment = Field(description="The machine export ran on (training devices: models.*.training).")
