@@ -170,6 +170,7 @@ class DicomNode:
         uploads = [Upload(f"instance {n + 1}", path.read_bytes(), "application/dicom") for n, path in enumerate(files)]
         try:
             analysis, seg = await segment_dicom(self.service, uploads, series_limits(self.settings))
+            segmented = time.perf_counter()
             await asyncio.to_thread(send_seg, seg, self.destination, self.settings.dicom_ae_title)
         except NotReady:
             self.spool.requeue(batch)  # not a failure: the models are still loading
@@ -185,8 +186,9 @@ class DicomNode:
         self.metrics.series.labels("sent").inc()
         self.metrics.series_seconds.observe(time.perf_counter() - started)
         log.info(
-            "DICOM series %s: %d slices, %d tumor voxels, SEG sent to %s",
-            batch, len(analysis.masks), analysis.tumor_voxels, self.destination.ae_title,
+            "DICOM series %s: %d slices, %d tumor voxels; read, models and SEG %.2f s, SEG sent to %s in %.2f s",
+            batch, len(analysis.masks), analysis.tumor_voxels, segmented - started, self.destination.ae_title,
+            time.perf_counter() - segmented,
         )  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 
 from app.cli import main
-from tests.dicom.builders import CANARY_ID, CANARY_NAME, mr_series, write_phantom_models
+from tests.dicom.builders import CANARY_ID, CANARY_NAME, mr_series
 from tests.live_server import LiveServer
 from tests.pacs import lgg_series
 from tests.pacs.lgg_series import PIXEL_SPACING_MM, SLICE_SPACING_MM, SLICES
@@ -47,11 +47,9 @@ def series_files() -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if lgg_series.real_data():
-        return lgg_series.BUNDLED_MODELS
-    pytest.importorskip("onnx", reason="building the phantom ONNX models needs the onnx package (.[train])")
-    return write_phantom_models(tmp_path_factory.mktemp("phantom-models"), flair_z=2.5)
+def models_dir(request: pytest.FixtureRequest) -> Path:
+    """The bundled models on the real slices; the phantom models (bright FLAIR is tumor) on synthetic ones."""
+    return lgg_series.BUNDLED_MODELS if lgg_series.real_data() else request.getfixturevalue("phantom_models_dir")
 
 
 @pytest.fixture(scope="module")
