@@ -4,8 +4,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.requests import ClientDisconnect
+from fastapi.responses import JSONResponse
 
 from app.api.overload import overloaded_response
 from app.core.admission import Overloaded
@@ -46,12 +45,6 @@ async def overloaded(request: Request, error: Overloaded) -> JSONResponse:
     return overloaded_response(error)
 
 
-async def client_disconnected(request: Request, error: ClientDisconnect) -> Response:
-    # The client hung up while its body was being read: nobody gets an answer and nothing failed here.
-    # 499 (nginx's "client closed request") keeps these apart from server errors in the metrics.
-    return Response(status_code=499)
-
-
 async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
     # Only genuine bugs end here: bad input has its own 4xx above. Tests fail on any of these.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -64,5 +57,4 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NotReady, not_ready)
     app.add_exception_handler(ShuttingDown, not_ready)
     app.add_exception_handler(Overloaded, overloaded)
-    app.add_exception_handler(ClientDisconnect, client_disconnected)
     app.add_exception_handler(Exception, unexpected_error)

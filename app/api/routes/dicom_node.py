@@ -32,7 +32,12 @@ def node(request: Request) -> DicomNode:
     return running
 
 
-@router.get("", response_model=NodeState, summary="The DICOM node's AE, port, destination and spool")
+NODE_OFF = {404: {"description": "The DICOM node is off (LGG_DICOM_NODE), or no such failed series"}}
+
+
+@router.get(
+    "", response_model=NodeState, responses=NODE_OFF, summary="The DICOM node's AE, port, destination and spool"
+)
 def node_state(request: Request) -> NodeState:
     running = node(request)
     return NodeState(
@@ -44,12 +49,17 @@ def node_state(request: Request) -> NodeState:
     )
 
 
-@router.get("/failed", response_model=list[FailedSeriesItem], summary="Series kept in the spool after a failure")
+@router.get(
+    "/failed",
+    response_model=list[FailedSeriesItem],
+    responses=NODE_OFF,
+    summary="Series kept in the spool after a failure",
+)
 def failed_series(request: Request) -> list[FailedSeriesItem]:
     return [FailedSeriesItem(**vars(item)) for item in node(request).spool.list_failed()]
 
 
-@router.post("/failed/{batch}/retry", status_code=202, summary="Run a failed series again")
+@router.post("/failed/{batch}/retry", status_code=202, responses=NODE_OFF, summary="Run a failed series again")
 def retry_series(batch: str, request: Request) -> dict[str, str]:
     if not node(request).spool.retry(batch):
         raise HTTPException(404, f"no failed series {batch!r} in the spool")

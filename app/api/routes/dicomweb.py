@@ -21,7 +21,9 @@ UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 
 
 class DicomwebRequest(BaseModel):
-    dicomweb_url: str = Field(description="The PACS's DICOMweb base URL, e.g. http://pacs:8042/dicom-web.")
+    dicomweb_url: str = Field(
+        pattern=r"^https?://[^\s/]+", description="The PACS's DICOMweb base URL, e.g. http://pacs:8042/dicom-web."
+    )
     study_instance_uid: str = Field(max_length=64, pattern=UID_PATTERN)
     series_instance_uid: str = Field(max_length=64, pattern=UID_PATTERN)
     store: bool = Field(True, description="STOW-RS the SEG back to the same PACS.")
@@ -43,7 +45,12 @@ class DicomwebResult(BaseModel):
 @router.post(
     "/series",
     response_model=DicomwebResult,
-    responses={**ERRORS, 404: {"description": "The PACS has no such series"}, 502: {"description": "PACS error"}},
+    responses={
+        **ERRORS,
+        403: {"description": "The URL is not among LGG_DICOMWEB_ALLOWED_URLS"},
+        404: {"description": "The PACS has no such series"},
+        502: {"description": "PACS error"},
+    },
     summary="Segment a series held by a PACS (WADO-RS) and store the DICOM SEG back (STOW-RS)",
 )
 async def dicomweb_series(body: DicomwebRequest, service: ServiceDep, settings: SettingsDep) -> DicomwebResult:
