@@ -8,13 +8,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from app.core.onnx_sessions import ModelFolderError, read_model_card
-from app.core.triton import RepositoryOptions, write_repository
-
 KINDS = ("KIND_GPU", "KIND_CPU")
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from app.core.onnx_sessions import ModelFolderError, read_model_card
+    from app.core.triton import RepositoryOptions, write_repository
+
     try:
         card = read_model_card(args.model_dir)
         options = RepositoryOptions(args.max_batch_size, args.max_queue_delay_us, args.instances, args.kind)
@@ -27,6 +27,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    # Imported here, not above: `import app.cli` (the client side) stays free of onnxruntime.
+    from app.core.triton import RepositoryOptions
+
     export = commands.add_parser(
         "triton-export", help="write the models as a Triton model repository", description=__doc__
     )
