@@ -20,12 +20,13 @@ from pathlib import Path
 
 import httpx
 
+from tests.live_server import stop
+
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 INSTALL = "apt-get install -y orthanc orthanc-dicomweb"
 AE_TITLE = "ORTHANC"
 START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 15.0
 POLL_S = 0.02  # the SEG's arrival time is measured with this resolution
 
 
@@ -130,9 +131,4 @@ def orthanc(folder: Path, modalities: dict[str, tuple[str, str, int]]) -> Iterat
             time.sleep(0.1)
         yield pacs
     finally:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT_S)
+        stop(process)
