@@ -20,13 +20,6 @@ from tests.live_server import live_server
 from tests.reliability.malformed import deflate_bombs, rss_mib
 
 
-def current_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def largest_slice() -> list:
     """One 4096 x 4096 16-bit DICOM slice (max_pixels), JPEG-LS compressed to fit max_upload_bytes: the largest
     image a single-slice route accepts, decoded in a decoder worker."""
@@ -59,7 +52,7 @@ def main() -> None:
         for route, what, build in requests:
             files = build()
             with live_server(Path(logs), warmup_runs=1) as server:
-                ready = current_rss_mib(server.process.pid)
+                ready = rss_mib(server.process.pid, "VmRSS")
                 started = time.perf_counter()
                 status = httpx.post(f"{server.url}{route}", files=files, timeout=600).status_code
                 seconds = time.perf_counter() - started

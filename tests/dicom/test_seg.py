@@ -109,15 +109,21 @@ def test_seg_needs_dicom_input(dicom_client: TestClient, patient) -> None:
 TYPE2_DROPPED = ("StudyTime", "StudyDate", "StudyID", "AccessionNumber", "ReferringPhysicianName", "PatientBirthDate")
 
 
+def without(datasets: list[Dataset], *keywords: str) -> list[bytes]:
+    """The files of deep copies of `datasets` lacking `keywords` (the fixtures stay untouched)."""
+    files = []
+    for ds in datasets:
+        copy = deepcopy(ds)
+        for keyword in keywords:
+            delattr(copy, keyword)
+        files.append(to_bytes(copy))
+    return files
+
+
 def test_seg_of_sources_missing_type2_attributes_writes_them_empty(
     dicom_client: TestClient, series_datasets: list[Dataset]
 ) -> None:
-    stripped = []
-    for ds in series_datasets[:3]:
-        copy = deepcopy(ds)
-        for keyword in (*TYPE2_DROPPED, "PatientSex", "SeriesNumber"):
-            delattr(copy, keyword)
-        stripped.append(to_bytes(copy))
+    stripped = without(series_datasets[:3], *TYPE2_DROPPED, "PatientSex", "SeriesNumber")
     seg = read_seg(dicom_client, multipart(stripped))
     for keyword in (*TYPE2_DROPPED, "PatientSex"):
         assert keyword in seg and seg.get(keyword) in (None, ""), keyword
@@ -127,11 +133,7 @@ def test_seg_of_sources_missing_type2_attributes_writes_them_empty(
 def test_seg_of_sources_without_usable_geometry_is_a_clear_400(
     dicom_client: TestClient, series_datasets: list[Dataset]
 ) -> None:
-    no_orientation = []
-    for ds in series_datasets[:3]:
-        copy = deepcopy(ds)
-        del copy.ImageOrientationPatient, copy.ImagePositionPatient
-        no_orientation.append(to_bytes(copy))
+    no_orientation = without(series_datasets[:3], "ImageOrientationPatient", "ImagePositionPatient")
     assert dicom_client.post("/v1/series", files=multipart(no_orientation)).status_code == 200  # JSON needs none
     response = dicom_client.post("/v1/series", files=multipart(no_orientation), params={"output": "seg"})
     assert response.status_code == 400 and "DICOM SEG" in response.json()["detail"], response.text

@@ -390,11 +390,12 @@ class Campaign:
         )
 
 
-def rss_mib(pid: int | None) -> float:
+def rss_mib(pid: int | None, field: str = "VmHWM") -> float:
+    """The process's peak resident set so far (VmHWM), or its current one (field="VmRSS"); 0 without a pid."""
     if pid is None:
         return 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):  # the process's peak resident set so far
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
