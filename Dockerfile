@@ -68,4 +68,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 # One worker: the dynamic batcher gathers requests inside one process.
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
+# h11, not the default httptools: h11 refuses a request head over 16 KiB (--h11-max-incomplete-event-size), where
+# httptools buffers any size (a 50 MB header was accepted). SIGTERM drains (app/api/shutdown.py) and exits 0.
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--http", "h11"]

@@ -3,6 +3,7 @@ is capped, credentials never reach the log, responses carry no-store/nosniff/fra
 unless configured, OpenAPI advertises the key only when there is one, and a client hanging up mid-request is
 neither a logged error nor a 500 in the metrics."""
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -14,12 +15,22 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.main import create_app
+from tests.conftest import REPO_ROOT
 from tests.reliability.harness import Service, multipart, service, slice_upload
 
 API_KEY = "reliability-key-0123456789"
-# The command the Dockerfile runs: h11 caps a request's head at 16 KiB (--h11-max-incomplete-event-size);
-# uvicorn's default httptools parser accepted a 50 MB header.
-UVICORN_ARGS = ("--http", "h11")
+
+
+def dockerfile_uvicorn_options() -> tuple[str, ...]:
+    """The uvicorn options of the Dockerfile's CMD but --host/--port: the server runs here as it is shipped
+    (--http h11, which caps a request head at 16 KiB; uvicorn's default httptools accepted a 50 MB header)."""
+    line = next(x for x in (REPO_ROOT / "Dockerfile").read_text().splitlines() if x.startswith("CMD "))
+    options = json.loads(line.removeprefix("CMD "))[2:]
+    pairs = list(zip(options[::2], options[1::2], strict=True))
+    return tuple(item for name, value in pairs if name not in ("--host", "--port") for item in (name, value))
+
+
+UVICORN_ARGS = dockerfile_uvicorn_options()
 
 
 @pytest.fixture(scope="module")
