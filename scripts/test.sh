@@ -25,6 +25,16 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch==2.13.0 (CPU) comes from the machine's local wheel; see pyproject's [train] extra.
 .venv/bin/python -m pip install --quiet -e ".[train,test,bulk]"
+# A real Triton Inference Server for tests/scaleout/test_triton.py: the CPU tritonserver build inside the
+# nvidia-pytriton wheel (--no-deps: its numpy<2 pin stays out of .venv), and the numpy<2 Python its Python backend
+# runs in. Where either cannot be installed, that test skips with the reason.
+[ -x .cache/pytriton/pytriton/tritonserver/bin/tritonserver ] \
+  || .venv/bin/python -m pip install --quiet --no-deps --target .cache/pytriton "nvidia-pytriton==0.7.0" \
+  || echo "nvidia-pytriton not installed: the real-Triton test will be skipped" >&2
+[ -x .cache/triton-python/bin/python ] \
+  || { .venv/bin/python -m venv .cache/triton-python \
+       && .cache/triton-python/bin/python -m pip install --quiet "numpy<2" onnxruntime; } \
+  || echo "no numpy<2 Python for Triton's Python backend: the real-Triton test will be skipped" >&2
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest -q "$@"

@@ -1,29 +1,41 @@
-"""The Triton path: the exported model repository checked against Triton's own ModelConfig protobuf, and the
-service's Triton session (tritonclient over gRPC) against a fake Triton (tests/scaleout/fake_triton.py) that runs
-the exported ONNX files in ONNX Runtime. No real Triton can run here: no Triton binaries, no Docker engine."""
+"""The Triton path: the exported model repository checked against Triton's own ModelConfig protobuf, then the
+service's Triton session (tritonclient over gRPC) against a real tritonserver (tests/scaleout/triton_server.py:
+release 2.51, CPU, the exported configs served with the Python backend running the ONNX files)."""
 
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as grpcclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from app.core.config import Settings
 from app.core.onnx_sessions import ModelCard, ModelFolderError, OnnxModel, sha256_of
 from app.core.preprocessing import preprocess_slice
-from app.core.triton import CONFIG_FILE, MODEL_FILE, SHA256_PARAMETER, TritonModel, model_name
+from app.core.triton import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    SHA256_PARAMETER,
+    RepositoryOptions,
+    TritonModel,
+    TritonUnavailable,
+    model_name,
+)
 from tests.conftest import REPO_ROOT
 from tests.live_server import live_server
-from tests.scaleout.fake_triton import RunningFake, fake_triton
+from tests.scaleout.triton_server import free_port, python_backend_repository, running_triton
 from tests.service.conftest import encode, synthetic_slice
 
-MAX_BATCH = 32
+MAX_BATCH = 16
+QUEUE_DELAY_US = 50_000  # long enough that concurrent one-slice requests meet in one batch on a busy 2-core box
+SERVED = RepositoryOptions(MAX_BATCH, QUEUE_DELAY_US, instances=1, kind="KIND_CPU")
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +43,21 @@ def repository(tmp_path_factory: pytest.TempPathFactory, bundled_models_dir: Pat
     """Exported by the real command, as a user would."""
     out = tmp_path_factory.mktemp("triton") / "repository"
     command = [sys.executable, "-m", "app.cli", "triton-export", str(out), "--model-dir", str(bundled_models_dir)]
-    command += ["--max-batch-size", str(MAX_BATCH), "--instances", "2"]
+    command += ["--max-batch-size", "32", "--instances", "2"]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return out
 
 
 @pytest.fixture(scope="module")
-def triton(repository: Path) -> Iterator[RunningFake]:
-    with fake_triton(repository) as running:
-        yield running
+def served_repository(card: ModelCard, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return python_backend_repository(card, tmp_path_factory.mktemp("served"), SERVED)
+
+
+@pytest.fixture(scope="module")
+def triton(served_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_triton(served_repository, tmp_path_factory.mktemp("tritonserver")) as (url, _):
+        yield url
 
 
 def parsed_config(repository: Path, kind: str) -> pb.ModelConfig:
@@ -54,7 +71,7 @@ def test_repository_config_is_a_valid_triton_model_config(repository: Path, card
     spec = getattr(card, kind)
     session = ort.InferenceSession(str(spec.path), providers=["CPUExecutionProvider"])
     assert config.name == model_name(kind) == (repository / model_name(kind)).name  # Triton requires the match
-    assert config.backend == "onnxruntime" and config.max_batch_size == MAX_BATCH
+    assert config.backend == "onnxruntime" and config.max_batch_size == 32
     assert config.HasField("dynamic_batching")
     assert [(g.count, g.kind) for g in config.instance_group] == [(2, pb.ModelInstanceGroup.KIND_GPU)]
     assert list(config.version_policy.specific.versions) == [1]
@@ -64,7 +81,7 @@ def test_repository_config_is_a_valid_triton_model_config(repository: Path, card
         # Without the batch axis, which max_batch_size > 0 adds.
         assert [(t.name, list(t.dims)) for t in declared] == [(t.name, t.shape[1:]) for t in actual]
         assert all(t.data_type == pb.TYPE_FP32 for t in declared)
-    assert {w.batch_size for w in config.model_warmup} == {1, MAX_BATCH}
+    assert {w.batch_size for w in config.model_warmup} == {1, 32}
     assert all(w.inputs[spec.input_name].zero_data for w in config.model_warmup)
 
 
@@ -74,67 +91,91 @@ def test_a_misspelled_config_field_is_refused_by_the_protobuf() -> None:
         text_format.Parse('name: "x" max_batchsize: 8', pb.ModelConfig())
 
 
-def real_slices(count: int) -> np.ndarray:
-    return np.stack([preprocess_slice(synthetic_slice(seed=seed), 128) for seed in range(count)])
-
-
-@pytest.mark.parametrize("kind", ["classifier", "segmenter"])
-def test_triton_session_answers_like_the_onnx_runtime_session(triton: RunningFake, card: ModelCard, kind: str) -> None:
-    url, servicer = triton.url, triton.servicer
-    spec = getattr(card, kind)
-    images = real_slices(5)
-    local = OnnxModel(spec, card.input_size, Settings(providers="CPUExecutionProvider")).run(images)
-    before = servicer.infer_requests[model_name(kind)]
-    remote = TritonModel(spec, url, max_batch_size=MAX_BATCH, timeout_s=10).run(images)
-    assert servicer.infer_requests[model_name(kind)] == before + 1
-    assert remote.shape == local.shape and remote.dtype == np.float32
-    np.testing.assert_allclose(remote, local, rtol=0, atol=1e-5)
-
-
-def test_triton_session_refuses_another_export(triton: RunningFake, card: ModelCard) -> None:
-    url = triton.url
-    other = card.classifier.__class__(**(card.classifier.__dict__ | {"sha256": "0" * 64}))
-    with pytest.raises(ModelFolderError, match="lgg-tumor triton-export"):
-        TritonModel(other, url, max_batch_size=MAX_BATCH, timeout_s=10)
-
-
-def test_triton_session_refuses_batches_triton_would_refuse(triton: RunningFake, card: ModelCard) -> None:
-    url = triton.url
-    with pytest.raises(ModelFolderError, match=f"at most {MAX_BATCH}"):
-        TritonModel(card.classifier, url, max_batch_size=MAX_BATCH + 1, timeout_s=10)
-
-
-def test_unreachable_triton_is_a_clear_error(card: ModelCard, unused_grpc_address: str) -> None:
-    with pytest.raises(ModelFolderError, match=f"Triton at {unused_grpc_address}"):
-        TritonModel(card.classifier, unused_grpc_address, max_batch_size=8, timeout_s=2)
-
-
-@pytest.fixture
-def unused_grpc_address() -> str:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"
+def slices(count: int, size: int) -> np.ndarray:
+    return np.stack([preprocess_slice(synthetic_slice(seed=seed), size) for seed in range(count)])
 
 
 @pytest.mark.slow
-def test_service_with_triton_url_sends_the_networks_to_triton(repository: Path, tmp_path: Path) -> None:
-    """A real uvicorn with LGG_TRITON_URL answers as in-process ONNX Runtime does, computed by the (fake) Triton;
-    when Triton goes away, a fast 503 that names it, not a 500."""
-    files = {"file": ("slice.png", encode(synthetic_slice()), "image/png")}
-    with live_server(tmp_path, warmup_runs=1, max_batch_size=8) as server:
-        in_process = httpx.post(f"{server.url}/v1/predict", files=files, timeout=60).json()
-    with fake_triton(repository) as triton, live_server(tmp_path, triton_url=triton.url, max_batch_size=8) as server:
-        classifier_calls = triton.servicer.infer_requests[model_name("classifier")]
+@pytest.mark.parametrize("kind", ["classifier", "segmenter"])
+def test_triton_session_answers_like_the_onnx_runtime_session(triton: str, card: ModelCard, kind: str) -> None:
+    spec = getattr(card, kind)
+    images = slices(5, card.input_size)
+    local = OnnxModel(spec, card.input_size, Settings(providers="CPUExecutionProvider")).run(images)
+    remote = TritonModel(spec, triton, max_batch_size=MAX_BATCH, timeout_s=30).run(images)
+    assert remote.shape == local.shape and remote.dtype == np.float32
+    np.testing.assert_allclose(remote, local, rtol=0, atol=1e-5)
+    config = grpcclient.InferenceServerClient(triton).get_model_config(model_name(kind)).config
+    assert config.dynamic_batching.max_queue_delay_microseconds == QUEUE_DELAY_US  # Triton serves what we exported
+
+
+@pytest.mark.slow
+def test_triton_batches_concurrent_requests(triton: str, card: ModelCard) -> None:
+    """The exported dynamic_batching at work: concurrent one-slice requests run in fewer model executions."""
+    session = TritonModel(card.classifier, triton, max_batch_size=MAX_BATCH, timeout_s=30)
+    client = grpcclient.InferenceServerClient(triton)
+
+    def counts() -> tuple[int, int]:
+        [stats] = client.get_inference_statistics(model_name("classifier")).model_stats
+        return stats.inference_count, stats.execution_count
+
+    images = slices(8, card.input_size)
+    before = counts()
+    with ThreadPoolExecutor(8) as pool:
+        outputs = list(pool.map(lambda i: session.run(images[i : i + 1]), range(8)))
+    inferences, executions = (after - start for after, start in zip(counts(), before, strict=True))
+    assert inferences == 8 and executions < 8, (inferences, executions)
+    assert all(output.shape == (1, 1) for output in outputs)
+
+
+@pytest.mark.slow
+def test_a_batch_triton_refuses_is_triton_unavailable(triton: str, card: ModelCard) -> None:
+    session = TritonModel(card.classifier, triton, max_batch_size=MAX_BATCH, timeout_s=30)
+    with pytest.raises(TritonUnavailable, match="batch"):
+        session.run(slices(MAX_BATCH + 1, card.input_size))
+
+
+@pytest.mark.slow
+def test_triton_session_refuses_another_export(triton: str, card: ModelCard) -> None:
+    other = card.classifier.__class__(**(card.classifier.__dict__ | {"sha256": "0" * 64}))
+    with pytest.raises(ModelFolderError, match="lgg-tumor triton-export"):
+        TritonModel(other, triton, max_batch_size=MAX_BATCH, timeout_s=10)
+
+
+@pytest.mark.slow
+def test_triton_session_refuses_batches_triton_would_refuse(triton: str, card: ModelCard) -> None:
+    with pytest.raises(ModelFolderError, match=f"at most {MAX_BATCH}"):
+        TritonModel(card.classifier, triton, max_batch_size=MAX_BATCH + 1, timeout_s=10)
+
+
+def test_unreachable_triton_is_a_clear_error(card: ModelCard) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(ModelFolderError, match=f"Triton at {address}"):
+        TritonModel(card.classifier, address, max_batch_size=8, timeout_s=2)
+
+
+@pytest.mark.slow
+def test_service_with_triton_url_sends_the_networks_to_triton(
+    served_repository: Path, card: ModelCard, tmp_path: Path
+) -> None:
+    """A real uvicorn with LGG_TRITON_URL answers as in-process ONNX Runtime does, computed by Triton; when Triton
+    goes away, a fast 503 that names it, not a 500. Its own Triton: this one is stopped."""
+    image = synthetic_slice()
+    classifier = OnnxModel(card.classifier, card.input_size, Settings(providers="CPUExecutionProvider"))
+    expected = float(classifier.run(preprocess_slice(image, card.input_size)[None])[0, 0])
+    files = {"file": ("slice.png", encode(image), "image/png")}
+    with (
+        running_triton(served_repository, tmp_path) as (url, process),
+        live_server(tmp_path, triton_url=url, max_batch_size=MAX_BATCH, warmup_runs=0) as server,
+    ):
+        [before] = grpcclient.InferenceServerClient(url).get_inference_statistics(model_name("classifier")).model_stats
         response = httpx.post(f"{server.url}/v1/predict", files=files, timeout=60)
         assert response.status_code == 200, response.text
-        assert triton.servicer.infer_requests[model_name("classifier")] == classifier_calls + 1
-        assert triton.url in str(httpx.get(f"{server.url}/v1/models", timeout=10).json())
-        with_triton = response.json()
-        triton.server.stop(grace=None)
+        assert response.json()["tumor_probability"] == pytest.approx(expected, abs=1e-5)
+        [after] = grpcclient.InferenceServerClient(url).get_inference_statistics(model_name("classifier")).model_stats
+        assert after.inference_count == before.inference_count + 1
+        assert url in str(httpx.get(f"{server.url}/v1/models", timeout=10).json())
+        process.terminate()
+        process.wait(30)
         gone = httpx.post(f"{server.url}/v1/predict", files=files, timeout=60)
         assert gone.status_code == 503 and "Triton" in gone.json()["detail"], gone.text
         assert gone.headers["Retry-After"]
-    assert with_triton["tumor_probability"] == pytest.approx(in_process["tumor_probability"], abs=1e-5)
-    assert with_triton["tumor_detected"] == in_process["tumor_detected"]
