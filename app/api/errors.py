@@ -11,6 +11,7 @@ from app.core.admission import Overloaded
 from app.core.batching import ShuttingDown
 from app.core.codecs import ImageRejected
 from app.core.service import NotReady
+from app.core.triton import TritonUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -56,5 +57,6 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ImageRejected, image_rejected)
     app.add_exception_handler(NotReady, not_ready)
     app.add_exception_handler(ShuttingDown, not_ready)
+    app.add_exception_handler(TritonUnavailable, not_ready)
     app.add_exception_handler(Overloaded, overloaded)
     app.add_exception_handler(Exception, unexpected_error)

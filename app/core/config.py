@@ -34,6 +34,12 @@ class Settings(BaseSettings):
         description="Where TensorRT keeps built engines so a restart skips the build.",
     )
     cuda_mem_limit_bytes: int = Field(0, ge=0, description="CUDA arena limit per session; 0 = no limit.")
+    triton_url: str | None = Field(
+        None,
+        description="host:port of a Triton Inference Server's gRPC endpoint serving the `lgg-tumor triton-export` "
+        "repository: the networks run there instead of in-process ONNX Runtime sessions (providers unused).",
+    )
+    triton_timeout_s: float = Field(30.0, gt=0, description="Deadline of one Triton call (and of the startup checks).")
 
     batching: bool = Field(
         False,

@@ -5,6 +5,8 @@ Startup runs in two steps so a broken model folder stops the process at once whi
   read_model_card()  -> validates the card (app/core/model_card.py), checks that its preprocessing is the code's
                         and every file's sha256; raises ModelFolderError
   load_models()      -> providers chosen once (choose_providers), sessions with cold-start-safe options, warm-up
+
+Another backend (e.g. Triton) plugs in beside OnnxModel: anything with `run(images) -> np.ndarray` is a Session.
 """
 
 import ctypes
@@ -14,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -235,11 +238,27 @@ class OnnxModel:
         return self.session.run([self.spec.output_name], {self.spec.input_name: images})[0]
 
 
+class Session(Protocol):
+    """What the pipeline needs of a network: an in-process OnnxModel, or app.core.triton.TritonModel."""
+
+    providers: list[str]
+
+    def run(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def open_session(spec: ModelSpec, input_size: int, settings: Settings) -> Session:
+    if settings.triton_url:
+        from app.core.triton import TritonModel  # tritonclient is only imported when a Triton is used
+
+        return TritonModel(spec, settings.triton_url, settings.max_batch_size, settings.triton_timeout_s)
+    return OnnxModel(spec, input_size, settings)
+
+
 @dataclass
 class LoadedModels:
     card: ModelCard
-    classifier: OnnxModel
-    segmenter: OnnxModel
+    classifier: Session
+    segmenter: Session
 
     @property
     def providers(self) -> dict[str, list[str]]:
@@ -250,8 +269,8 @@ def load_models(card: ModelCard, settings: Settings, cancelled: threading.Event 
     """Create both sessions and run every warmed batch size `warmup_runs` times (stops early if cancelled)."""
     models = LoadedModels(
         card,
-        OnnxModel(card.classifier, card.input_size, settings),
-        OnnxModel(card.segmenter, card.input_size, settings),
+        open_session(card.classifier, card.input_size, settings),
+        open_session(card.segmenter, card.input_size, settings),
     )
     choice = choose_providers(settings.providers)
     log.info("providers %s (%s); sessions took %s", ", ".join(choice.providers), choice.reason, models.providers)
