@@ -9,21 +9,18 @@ crashed worker takes to be replaced. Pause other CPU work while it runs: the num
 
 import argparse
 import contextlib
-import io
 import statistics
 import time
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image
-from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 from app.core.decode_pool import DecoderPool
 from app.core.dicom import decode_stored_pixels
 from app.core.limits import ImageRejected
 from tests.dicom.builders import mr_slice, to_bytes
-from tests.reliability.malformed import J2K_MAGIC, encapsulated
+from tests.reliability.malformed import J2K_MAGIC, encapsulated, jpeg2000
 
 
 def phantom(size: int) -> np.ndarray:
@@ -39,15 +36,8 @@ def phantom(size: int) -> np.ndarray:
 def dicom(size: int, syntax: str) -> bytes:
     pixels = phantom(size)
     ds = mr_slice(pixels, series_uid=generate_uid(), study_uid=generate_uid(), frame_of_reference_uid=generate_uid())
-    if syntax == JPEG2000Lossless:  # Pillow's OpenJPEG encoder (pydicom has no JPEG 2000 encoder installed)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG2000", no_jp2=True, irreversible=False)
-        ds.PixelData = encapsulate([buffer.getvalue()])
-        ds["PixelData"].VR = "OB"
-        ds.file_meta.TransferSyntaxUID = syntax
-        out = io.BytesIO()
-        ds.save_as(out, implicit_vr=False, little_endian=True)
-        return out.getvalue()
+    if syntax == JPEG2000Lossless:
+        return jpeg2000(ds)
     ds.compress(syntax)
     return to_bytes(ds)
 

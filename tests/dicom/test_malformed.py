@@ -1,13 +1,10 @@
 """Malformed input, in process: the generated corpus's crafted cases get their 4xx; the decoder pool survives
 native crashes; declared sizes are refused before the work (memory measured with tracemalloc)."""
 
-import io
 import tracemalloc
 
 import numpy as np
 import pytest
-from PIL import Image
-from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
 from app.core.codecs import decode_image
@@ -24,6 +21,7 @@ from tests.reliability.malformed import (
     crafted_cases,
     deflate_bombs,
     encapsulated,
+    jpeg2000,
 )
 
 LIMITS = ImageLimits()
@@ -54,18 +52,8 @@ def test_crafted_malformed_input_gets_its_4xx(case) -> None:
 
 
 def j2k_dicom() -> tuple[bytes, np.ndarray]:
-    """A valid JPEG 2000 lossless DICOM (Pillow's OpenJPEG encoder) and the 16-bit values it holds."""
-    stored = base_volume()[0]
-    buffer = io.BytesIO()
-    Image.fromarray(stored).save(buffer, format="JPEG2000", no_jp2=True, irreversible=False)
-    ds = base_dataset()
-    ds.BitsStored, ds.HighBit = 16, 15
-    ds.PixelData = encapsulate([buffer.getvalue()])
-    ds["PixelData"].VR = "OB"
-    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    out = io.BytesIO()
-    ds.save_as(out, implicit_vr=False, little_endian=True)
-    return out.getvalue(), stored
+    """A valid JPEG 2000 lossless DICOM and the values it holds."""
+    return jpeg2000(base_dataset()), base_volume()[0]
 
 
 @pytest.fixture(scope="module")

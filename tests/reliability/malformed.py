@@ -7,9 +7,9 @@ Two kinds of case:
 - crafted: one known way to be malformed each (a JPEG 2000 whose codestream is garbage, SamplesPerPixel
   multi-valued, a functional-group sequence of strings, a deflated DICOM inflating to 512 MiB, a zip of
   15 PNGs of 4096 x 4096, a 1048576 x 16 slice, a series mixing patients...), with the 4xx it must get;
-- mutated: truncations, bit flips, byte runs overwritten and chunks repeated in valid DICOM, PNG, TIFF, JPEG,
-  WebP and zip files, seeded so a failure can be replayed; these must get anything but a 5xx (some mutations
-  leave a valid file).
+- mutated: truncations, bit flips, byte runs overwritten and chunks repeated in valid DICOM (uncompressed, RLE,
+  JPEG-LS, JPEG 2000), PNG, TIFF, JPEG, WebP and zip files, seeded so a failure can be replayed; these must get
+  anything but a 5xx (some mutations leave a valid file).
 
 Command line (what the campaign figures in docs/limits.md were measured with):
     python -m tests.reliability.malformed --url http://127.0.0.1:8000 --count 10000 --pid <uvicorn pid>
@@ -50,6 +50,7 @@ from tests.dicom.builders import mr_series, to_bytes, zip_of
 SIZE = 64  # valid base images: small, so a campaign of thousands runs in minutes
 PREDICT, SERIES = "/v1/predict", "/v1/series"
 J2K_MAGIC = b"\xff\x4f\xff\x51"  # JPEG 2000 codestream: SOC then SIZ
+HEADER_BYTES = 2048  # half the mutations land here: headers are where parsers branch
 File = tuple[str, bytes, str]  # (file name, bytes, content type)
 
 
@@ -111,15 +112,23 @@ def with_changes(**attributes: object) -> bytes:
     return to_bytes(ds)
 
 
-def encapsulated(syntax: str, fragment: bytes) -> bytes:
-    """A file whose transfer syntax is `syntax` and whose one pixel data fragment is `fragment`."""
-    ds = base_dataset()
+def encapsulated(syntax: str, fragment: bytes, ds: Dataset | None = None) -> bytes:
+    """A file (the base slice unless `ds`) whose transfer syntax is `syntax` and pixel data the one `fragment`."""
+    ds = ds or base_dataset()
     ds.PixelData = encapsulate([fragment])
     ds["PixelData"].VR = "OB"
     ds.file_meta.TransferSyntaxUID = syntax
     buffer = io.BytesIO()
     ds.save_as(buffer, implicit_vr=False, little_endian=True)
     return buffer.getvalue()
+
+
+def jpeg2000(ds: Dataset) -> bytes:
+    """ds (16-bit monochrome) with its pixels as JPEG 2000 lossless: Pillow's OpenJPEG encoder, as pydicom has none."""
+    buffer = io.BytesIO()
+    Image.fromarray(ds.pixel_array.astype(np.uint16)).save(buffer, format="JPEG2000", no_jp2=True, irreversible=False)
+    ds.BitsStored, ds.HighBit = 16, 15  # the codestream's precision
+    return encapsulated(JPEG2000Lossless, buffer.getvalue(), ds)
 
 
 def raw_element(tag: int, vr: str, value: bytes) -> bytes:
@@ -328,6 +337,7 @@ def valid_files() -> dict[str, File]:
         "webp": ("s_1.webp", encoded(rgb, "WEBP"), "image/webp"),
         "zip": ("s.zip", zip_of({f"IM{n}": to_bytes(ds) for n, ds in enumerate(base_datasets())}), "application/zip"),
     }
+    files["dicom-jpeg2000"] = dicom_file("x.dcm", jpeg2000(base_dataset()))
     for name, syntax in (("dicom-rle", RLELossless), ("dicom-jpeg-ls", JPEGLSLossless)):
         ds = base_dataset()
         ds.compress(syntax)
@@ -338,7 +348,7 @@ def valid_files() -> dict[str, File]:
 def mutate(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
     """One random corruption of `data`, and what it was."""
     kind = rng.integers(5)
-    at = int(rng.integers(len(data)))
+    at = int(rng.integers(len(data) if rng.random() < 0.5 else min(len(data), HEADER_BYTES)))
     if kind == 0:
         return f"truncated at {at}", data[:at]
     if kind == 1:
