@@ -7,6 +7,11 @@ from pydantic import BaseModel, Field
 
 from app.core.model_card import ModelCardSchema
 
+TUMOR_DETECTED = (
+    "True exactly when the mask has at least one pixel: the classifier passed its threshold AND the segmenter "
+    "marked a region of at least the card's min_component_pixels. Flag, mask, area and bbox agree."
+)
+
 
 class MaskFormat(StrEnum):
     rle = "rle"
@@ -49,10 +54,7 @@ class Timings(BaseModel):
 
 
 class Prediction(BaseModel):
-    tumor_detected: bool = Field(
-        description="True exactly when the mask has at least one pixel: the classifier passed its threshold AND the "
-        "segmenter marked a region of at least the card's min_component_pixels. Flag, mask, area and bbox agree."
-    )
+    tumor_detected: bool = Field(description=TUMOR_DETECTED)
     tumor_probability: float = Field(description="Classifier output in [0, 1].")
     mask: RleMask | PngMask | None = Field(
         description="Segmented tumor at the input's size; null when no tumor was detected or mask_format=none. "
@@ -70,10 +72,7 @@ class SliceResult(BaseModel):
     sop_instance_uid: str | None = Field(description="The source DICOM instance (null for PNG/TIFF slices).")
     frame_number: int | None = Field(description="1-based frame within a multi-frame DICOM file, else null.")
     filename: str | None = Field(description="The uploaded file name, for PNG/TIFF slices only.")
-    tumor_detected: bool = Field(
-        description="True exactly when the mask has at least one pixel: the classifier passed its threshold AND the "
-        "segmenter marked a region of at least the card's min_component_pixels. Flag, mask, area and bbox agree."
-    )
+    tumor_detected: bool = Field(description=TUMOR_DETECTED)
     tumor_probability: float = Field(description="Classifier output in [0, 1].")
     mask: RleMask | PngMask | None = Field(
         description="The slice's tumor mask (after the 3-D cleanup when asked), null when it has no tumor pixel "
