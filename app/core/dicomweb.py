@@ -17,7 +17,11 @@ TIMEOUT_S = 60
 
 
 def client(base_url: str) -> DICOMwebClient:
-    return DICOMwebClient(base_url, timeout=TIMEOUT_S)
+    web = DICOMwebClient(base_url, timeout=TIMEOUT_S)
+    # Its default retries any failure 5 times with exponential back-off: a PACS that is down would hold the
+    # request ~30 s before the 502. The caller (or its retry policy) decides instead.
+    web.set_http_retry_params(retry=False)
+    return web
 
 
 def pacs_error(error: Exception, what: str) -> ImageRejected:

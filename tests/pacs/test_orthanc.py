@@ -13,6 +13,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,6 @@ from pynetdicom.sop_class import MRImageStorage, Verification
 
 from app.cli import main
 from tests.dicom.builders import CANARY_ID, CANARY_NAME, mr_series
-from tests.live_server import LiveServer
 from tests.pacs import lgg_series
 from tests.pacs.lgg_series import PIXEL_SPACING_MM, SLICE_SPACING_MM, SLICES
 from tests.pacs.orthanc import free_port, missing
@@ -58,14 +58,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterato
         yield stack
 
 
-def service_masks(service: LiveServer, files: list[bytes]) -> tuple[dict[str, np.ndarray], dict]:
-    """POST /v1/series for the same files: mask per SOP Instance UID, and the JSON."""
-    parts = [("files", (f"{n}.dcm", data, "application/dicom")) for n, data in enumerate(files)]
-    body = httpx.post(f"{service.url}/v1/series", files=parts, timeout=WAIT_S).json()
+@dataclass
+class Expected:
+    """POST /v1/series for the same files: the mask per SOP Instance UID, and the JSON."""
+
+    masks: dict[str, np.ndarray]
+    body: dict
+
+
+@pytest.fixture(scope="module")
+def expected(stack: Stack, series_files: list[bytes]) -> Expected:
+    parts = [("files", (f"{n}.dcm", data, "application/dicom")) for n, data in enumerate(series_files)]
+    body = httpx.post(f"{stack.service.url}/v1/series", files=parts, timeout=WAIT_S).json()
     height, width = body["image_size"]
     masks = {s["sop_instance_uid"]: coco_decode(s["mask"]) if s["mask"] else np.zeros((height, width), bool)
              for s in body["slices"]}  # fmt: skip
-    return masks, body
+    return Expected(masks, body)
 
 
 def check_seg(seg_bytes: bytes, files: list[bytes], expected: dict[str, np.ndarray]) -> int:
@@ -88,7 +96,9 @@ def check_volume(body: dict, voxels: int) -> None:
     assert body["tumor_volume_ml"] == pytest.approx(by_hand, rel=1e-9)
 
 
-def test_orthanc_sends_a_series_and_gets_the_seg_back(stack: Stack, series_files: list[bytes]) -> None:
+def test_orthanc_sends_a_series_and_gets_the_seg_back(
+    stack: Stack, series_files: list[bytes], expected: Expected
+) -> None:
     pacs, service = stack.pacs, stack.service
     series_id = pacs.store(series_files)
     known = set(pacs.find("Instance", Modality="SEG"))
@@ -101,9 +111,8 @@ def test_orthanc_sends_a_series_and_gets_the_seg_back(stack: Stack, series_files
         f"\n{SLICES}-slice series: C-STORE to the node {stored - started:.2f} s; C-STORE start to SEG in Orthanc "
         f"{arrived - started:.2f} s, of which quiet time {QUIET_S:g} s"
     )
-    expected, body = service_masks(service, series_files)
-    voxels = check_seg(pacs.instance_file(seg_id), series_files, expected)
-    check_volume(body, voxels)
+    voxels = check_seg(pacs.instance_file(seg_id), series_files, expected.masks)
+    check_volume(expected.body, voxels)
     state = httpx.get(f"{service.url}/v1/dicom-node", timeout=10).json()
     assert state["series"] == {"incoming": 0, "processing": 0, "failed": 0} and state["spool_bytes"] == 0
     metrics = httpx.get(f"{service.url}/metrics", timeout=10).text
@@ -111,7 +120,9 @@ def test_orthanc_sends_a_series_and_gets_the_seg_back(stack: Stack, series_files
     assert 'lgg_dicom_series_total{outcome="sent"} 1.0' in metrics
 
 
-def test_dicomweb_route_pulls_from_orthanc_and_stores_the_seg(stack: Stack, series_files: list[bytes]) -> None:
+def test_dicomweb_route_pulls_from_orthanc_and_stores_the_seg(
+    stack: Stack, series_files: list[bytes], expected: Expected
+) -> None:
     pacs, service = stack.pacs, stack.service
     pacs.store(series_files)
     first = pydicom.dcmread(io.BytesIO(series_files[0]), stop_before_pixels=True)
@@ -129,11 +140,10 @@ def test_dicomweb_route_pulls_from_orthanc_and_stores_the_seg(stack: Stack, seri
     assert result["stored"] and result["slice_count"] == SLICES
     seg_ids = pacs.find("Instance", SOPInstanceUID=result["seg_sop_instance_uid"])
     assert len(seg_ids) == 1
-    expected, body = service_masks(service, series_files)
-    voxels = check_seg(pacs.instance_file(seg_ids[0]), series_files, expected)
-    check_volume(body, voxels)
+    voxels = check_seg(pacs.instance_file(seg_ids[0]), series_files, expected.masks)
+    check_volume(expected.body, voxels)
     assert result["tumor_volume_voxels"] == voxels
-    assert result["tumor_volume_ml"] == pytest.approx(body["tumor_volume_ml"], rel=1e-9)
+    assert result["tumor_volume_ml"] == pytest.approx(expected.body["tumor_volume_ml"], rel=1e-9)
 
 
 def test_dicomweb_errors_are_clear(stack: Stack) -> None:
