@@ -19,7 +19,8 @@ import numpy as np
 
 from tests.conftest import REPO_ROOT
 from tests.live_server import settings_env
-from tests.reliability.loadgen import Load, Record
+from tests.reliability.loadgen import Body, Load, Record
+from tests.reliability.malformed import crafted_cases, mutated_cases
 from tests.service.conftest import encode, synthetic_slice
 
 START_TIMEOUT_S = 180.0  # a nice 15 training job may hold the CPU
@@ -99,14 +100,21 @@ def slice_upload(seed: int = 0) -> bytes:
     return encode(synthetic_slice(seed=seed))
 
 
-def prediction_load(url: str, bad_share: float = 0.0, pause_after_503_s: float = 0.0, **kwargs: object) -> Load:
-    """Single-slice predictions without mask encoding; bad_share of them a truncated PNG (a 400 by design)."""
+def prediction_load(url: str, bad: tuple[tuple[str, Body], ...] | None = None, **kwargs: object) -> Load:
+    """Single-slice predictions without mask encoding; `bad` (default: a truncated PNG, a 400 by design) are sent
+    for bad_share of the requests (a keyword argument of Load, like pause_after_503_s)."""
     path = "/v1/predict?mask_format=none"
     good = slice_upload()
-    return Load(
-        url, path, multipart(path, good), multipart(path, good[:300]), bad_share, pause_after_503_s=pause_after_503_s,
-        **kwargs,
-    )  # fmt: skip
+    return Load(url, path, multipart(path, good), bad or ((path, multipart(path, good[:300])),), **kwargs)
+
+
+def malformed_requests(mutated: int) -> tuple[tuple[str, Body], ...]:
+    """Engineer A's malformed corpus (tests/reliability/malformed.py) as ready-to-send requests."""
+    requests = []
+    for case in [*crafted_cases(), *mutated_cases(mutated, seed=1)]:
+        request = httpx.Request("POST", "http://x" + case.route, files=case.multipart())
+        requests.append((case.route, (request.headers["content-type"], request.read())))
+    return tuple(requests)
 
 
 def latencies_ms(records: list[Record], q: float, status: int | None) -> float | None:

@@ -24,14 +24,15 @@ CLIENTS_PER_PROCESS = 8
 SPAWN_S = 3.0  # a spawned Python worker starts in well under a second on an idle machine
 
 Record = tuple[float, float, int | None, str | None, str | None]
+Body = tuple[str, bytes]  # (content type, body)
 
 
 @dataclass(frozen=True)
 class Load:
     url: str
     path: str
-    good: tuple[str, bytes]  # (content type, multipart body)
-    bad: tuple[str, bytes] | None = None
+    good: Body  # a multipart form, sent to `path`
+    bad: tuple[tuple[str, Body], ...] = ()  # (path, body): bad_share of the requests are one of these, at random
     bad_share: float = 0.0
     headers: tuple[tuple[str, str], ...] = ()
     pause_after_503_s: float = 0.0
@@ -50,7 +51,14 @@ def _client(load: Load, seed: int, deadline: float, stop_on_refused: bool, out: 
     rng = random.Random(seed)
     connection: http.client.HTTPConnection | None = None
     while time.monotonic() < deadline:
-        content_type, body = load.bad if load.bad and rng.random() < load.bad_share else load.good
+        path, (content_type, body) = (
+            rng.choice(load.bad)
+            if load.bad and rng.random() < load.bad_share
+            else (
+                load.path,
+                load.good,
+            )
+        )
         started = time.monotonic()
         try:
             connection = connection or _connect(load)
@@ -61,7 +69,7 @@ def _client(load: Load, seed: int, deadline: float, stop_on_refused: bool, out: 
             time.sleep(0.05)
             continue
         try:
-            connection.request("POST", load.path, body, {"Content-Type": content_type, **dict(load.headers)})
+            connection.request("POST", path, body, {"Content-Type": content_type, **dict(load.headers)})
             response = connection.getresponse()
             response.read()
         except (OSError, http.client.HTTPException) as error:
