@@ -29,7 +29,7 @@ from app.core.triton import (
     model_name,
 )
 from tests.conftest import REPO_ROOT
-from tests.live_server import live_server
+from tests.live_server import live_server, stop
 from tests.scaleout.triton_server import free_port, python_backend_repository, running_triton
 from tests.service.conftest import encode, synthetic_slice
 
@@ -174,8 +174,7 @@ def test_service_with_triton_url_sends_the_networks_to_triton(
         [after] = grpcclient.InferenceServerClient(url).get_inference_statistics(model_name("classifier")).model_stats
         assert after.inference_count == before.inference_count + 1
         assert url in str(httpx.get(f"{server.url}/v1/models", timeout=10).json())
-        process.terminate()
-        process.wait(30)
+        stop(process)
         gone = httpx.post(f"{server.url}/v1/predict", files=files, timeout=60)
         assert gone.status_code == 503 and "Triton" in gone.json()["detail"], gone.text
         assert gone.headers["Retry-After"]

@@ -26,6 +26,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 from app.core.onnx_sessions import ModelCard
 from app.core.triton import RepositoryOptions, write_repository
 from tests.conftest import REPO_ROOT
+from tests.live_server import stop
 
 PYTRITON = REPO_ROOT / ".cache" / "pytriton"
 SERVER = PYTRITON / "pytriton" / "tritonserver"
@@ -33,7 +34,6 @@ BACKEND_PYTHON = REPO_ROOT / ".cache" / "triton-python" / "bin"  # numpy<2 and o
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 STUB = SERVER / "python_backend_stubs" / PYTHON_VERSION / "triton_python_backend_stub"
 START_TIMEOUT_S = 120
-STOP_TIMEOUT_S = 30
 
 
 def skip_without_triton() -> None:
@@ -101,9 +101,4 @@ def running_triton(repository: Path, workdir: Path) -> Iterator[tuple[str, subpr
             time.sleep(0.2)
         yield url, process
     finally:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT_S)
+        stop(process)
