@@ -160,8 +160,12 @@ class DicomNode:
 
     async def watch(self) -> None:
         while True:
-            for batch in self.spool.take_due(self.settings.dicom_quiet_s):
-                await self.process(batch)
+            try:
+                for batch in self.spool.take_due(self.settings.dicom_quiet_s):
+                    await self.process(batch)
+            except OSError:  # the spool's disk (full, unmounted): keep the node alive, the files stay where they are
+                log.exception("DICOM spool error; looking again shortly")
+                await asyncio.sleep(1.0)
             await asyncio.sleep(LOOK_EVERY_S)
 
     async def process(self, batch: str) -> None:
