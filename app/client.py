@@ -15,8 +15,9 @@ import mimetypes
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 import httpx
 import numpy as np
@@ -24,6 +25,7 @@ from PIL import Image
 
 from app.api.schemas import (
     BatchPrediction,
+    DicomwebResult,
     MaskFormat,
     ModelsInfo,
     PngMask,
@@ -109,6 +111,15 @@ def decode_mask(mask: RleMask | PngMask | None) -> np.ndarray | None:
 def mask_array(prediction: Prediction) -> np.ndarray | None:
     """The prediction's mask as a bool HxW array; None when it carries none (no tumor, or mask_format=none)."""
     return decode_mask(prediction.mask)
+
+
+@dataclass(frozen=True)
+class NiftiMask:
+    """POST /v1/nifti's answer: a binary NIfTI, not JSON, so its numbers come from response headers."""
+
+    data: bytes = field(repr=False)  # gzipped NIfTI mask on the input's grid and affine
+    tumor_voxels: int
+    tumor_volume_ml: float | None  # None when the header has no voxel size
 
 
 class TumorClient:
@@ -222,18 +233,17 @@ class TumorClient:
         params = {"output": "seg", "largest_component": largest_component}
         return self.request("POST", "/v1/series", params=params, files=file_parts(files, "files")).content
 
-    def nifti_mask(self, files: ImageSources, *, largest_component: bool = False) -> tuple[bytes, int, float | None]:
+    def nifti_mask(self, files: ImageSources, *, largest_component: bool = False) -> NiftiMask:
         """POST /v1/nifti (FLAIR alone, one 4-D file, or 3 files: pre-contrast, FLAIR, post-contrast): the mask as
-        a gzipped NIfTI on the input's grid and affine, the tumor voxels, and the volume in mL (None without
-        spacing)."""
+        a gzipped NIfTI on the input's grid and affine, with the tumor voxels and volume from its headers."""
         params = {"largest_component": largest_component}
         response = self.request("POST", "/v1/nifti", params=params, files=file_parts(files, "files"))
         volume = response.headers.get("X-Tumor-Volume-mL")
-        return response.content, int(response.headers["X-Tumor-Voxels"]), float(volume) if volume else None
+        return NiftiMask(response.content, int(response.headers["X-Tumor-Voxels"]), float(volume) if volume else None)
 
     def dicomweb_series(
         self, dicomweb_url: str, study_instance_uid: str, series_instance_uid: str, *, store: bool = True
-    ) -> dict[str, Any]:
+    ) -> DicomwebResult:
         """POST /v1/dicomweb/series: the service pulls the series from the PACS (WADO-RS), segments it and, with
         store, puts the DICOM SEG back (STOW-RS); the counts, volume and the SEG's UIDs."""
         body = {
@@ -242,7 +252,7 @@ class TumorClient:
             "series_instance_uid": series_instance_uid,
             "store": store,
         }
-        return self.request("POST", "/v1/dicomweb/series", json=body).json()
+        return DicomwebResult.model_validate(self.request("POST", "/v1/dicomweb/series", json=body).json())
 
     def mask_png(self, image: ImageSource, *, filename: str | None = None) -> bytes:
         """POST /v1/predict/mask.png: the mask as a 1-bit PNG the size of the slice."""

@@ -6,7 +6,6 @@ lgg-tumor dicomweb --pacs http://pacs:8042/dicom-web --study 1.2.3 --series 1.2.
 """
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -37,11 +36,12 @@ def run(args: argparse.Namespace, command: Callable[[TumorClient], int]) -> int:
 
 def run_nifti(args: argparse.Namespace) -> int:
     def segment(service: TumorClient) -> int:
-        mask, voxels, volume_ml = service.nifti_mask(args.files, largest_component=args.largest_component)
+        mask = service.nifti_mask(args.files, largest_component=args.largest_component)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_bytes(mask)
+        args.out.write_bytes(mask.data)
+        volume_ml = mask.tumor_volume_ml
         volume = "n/a (no voxel size in the header)" if volume_ml is None else f"{volume_ml:.3f} mL"
-        print(f"{args.out}: {voxels} tumor voxels, tumor volume {volume}")
+        print(f"{args.out}: {mask.tumor_voxels} tumor voxels, tumor volume {volume}")
         return EXIT_OK
 
     return run(args, segment)
@@ -50,7 +50,7 @@ def run_nifti(args: argparse.Namespace) -> int:
 def run_dicomweb(args: argparse.Namespace) -> int:
     def segment(service: TumorClient) -> int:
         result = service.dicomweb_series(args.pacs, args.study, args.series, store=not args.no_store)
-        print(json.dumps(result, indent=2))
+        print(result.model_dump_json(indent=2))
         return EXIT_OK
 
     return run(args, segment)

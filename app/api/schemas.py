@@ -126,6 +126,18 @@ class BatchPrediction(BaseModel):
     total_ms: float
 
 
+class DicomwebResult(BaseModel):
+    slice_count: int
+    tumor_slices: int
+    tumor_volume_voxels: int
+    tumor_volume_ml: float | None = Field(description="Voxels x the series' voxel volume; null without spacing.")
+    seg_series_instance_uid: str
+    seg_sop_instance_uid: str
+    seg_series_number: int
+    stored: bool = Field(description="Whether the SEG was stored in the PACS (STOW-RS).")
+    total_ms: float
+
+
 class Status(BaseModel):
     status: str
 

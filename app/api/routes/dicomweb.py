@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ServiceDep, SettingsDep
 from app.api.routes.predict import ERRORS, ms
+from app.api.schemas import DicomwebResult
 from app.core.analysis import segment_dicom, series_limits
 from app.core.dicomweb import retrieve_series, store_seg
 
@@ -28,18 +29,6 @@ class DicomwebRequest(BaseModel):
     series_instance_uid: str = Field(max_length=64, pattern=UID_PATTERN)
     store: bool = Field(True, description="STOW-RS the SEG back to the same PACS.")
     largest_component: bool = Field(False, description="Keep only the largest 3-D tumor region.")
-
-
-class DicomwebResult(BaseModel):
-    slice_count: int
-    tumor_slices: int
-    tumor_volume_voxels: int
-    tumor_volume_ml: float | None = Field(description="Voxels x the series' voxel volume; null without spacing.")
-    seg_series_instance_uid: str
-    seg_sop_instance_uid: str
-    seg_series_number: int
-    stored: bool = Field(description="Whether the SEG was stored in the PACS (STOW-RS).")
-    total_ms: float
 
 
 @router.post(
