@@ -93,8 +93,8 @@ def test_runs_as_the_image_s_unprivileged_user_with_requests_and_limits(variant:
     assert str(pod["securityContext"]["runAsUser"]) == user.split(":")[0] != "0"
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    for kind in ("requests", "limits"):
-        assert {"cpu", "memory"} <= set(container["resources"][kind])
+    requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+    assert {"cpu", "memory"} <= set(requests) and requests == limits  # Guaranteed QoS
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
