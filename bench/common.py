@@ -147,6 +147,26 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and all its descendants alive now (uvicorn --workers: the workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += proc_cpu_seconds(current)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        todo += children.get(current, [])
+    return total
+
+
 class RssSampler:
     """Largest resident set size of a process while the `with` block runs, sampled every 10 ms."""
 
@@ -190,9 +210,17 @@ class Server:
 
 @contextmanager
 def uvicorn_server(
-    name: str, app: str, env: dict[str, str] | None = None, ready_path: str = "/readyz", timeout_s: float = 180
+    name: str,
+    app: str,
+    env: dict[str, str] | None = None,
+    ready_path: str = "/readyz",
+    timeout_s: float = 180,
+    workers: int = 1,
 ) -> Iterator[Server]:
     """`python -m uvicorn <app>` on a free loopback port, yielded once `ready_path` answers 200; always stopped.
+
+    With workers > 1 (`--workers`), each worker loads its own models: ready means 4 x workers answers 200
+    in a row, each on a new connection (the kernel hands connections to the workers in turn).
 
     Not `--fd`: uvicorn takes an inherited socket for a Unix socket and leaves Nagle's algorithm on, which
     adds the 40 ms delayed-ACK stall to every response (measured here: median 45 ms instead of 8 ms).
@@ -201,7 +229,7 @@ def uvicorn_server(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--log-level", "warning", "--no-access-log"]
+    command += ["--log-level", "warning", "--no-access-log"] + (["--workers", str(workers)] if workers > 1 else [])
     log_file = open(Path(tempfile.gettempdir()) / f"bench-{name}-{port}.log", "w")  # noqa: SIM115  closed below
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, stdout=log_file, stderr=subprocess.STDOUT
@@ -209,17 +237,20 @@ def uvicorn_server(
     server = Server(name, f"http://127.0.0.1:{port}", process)
     try:
         deadline = time.monotonic() + timeout_s
+        answered = 0
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with {process.returncode}; see {log_file.name}")
             try:
-                if httpx.get(server.url + ready_path, timeout=2).status_code == 200:
-                    break
+                answered = answered + 1 if httpx.get(server.url + ready_path, timeout=2).status_code == 200 else 0
             except httpx.TransportError:
-                pass
+                answered = 0
+            if answered >= (1 if workers == 1 else 4 * workers):
+                break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} not ready after {timeout_s:.0f} s; see {log_file.name}")
-            time.sleep(0.2)
+            if not answered:
+                time.sleep(0.2)
         yield server
     finally:
         process.terminate()
