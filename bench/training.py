@@ -28,7 +28,7 @@ import torch
 
 from bench.common import bench_arguments, finish_report, print_table, start_report
 from training.dataset import SliceRecord, augment_batch, decode_record, find_slices
-from training.fitting import TrainConfig, training_loss
+from training.fitting import TrainConfig, trainable, training_loss
 from training.networks import build_model
 
 
@@ -116,7 +116,7 @@ def time_steps(kind: str, card_model: dict, size: int, data: Data, variant: Vari
         if variant.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.autocast_bf16):
-            loss = training_loss(config, model, images, masks, labels, positive_weight)
+            loss = training_loss(config, trainable(config, model), images, masks, labels, positive_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

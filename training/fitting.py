@@ -33,7 +33,7 @@ from training.dataset import SliceCache, SliceDataset, augment_batch
 from training.inference import predict
 from training.losses import dice_bce_loss, weighted_bce_loss
 from training.metrics import per_volume_dice, roc_auc
-from training.networks import build_model, load_matching_weights
+from training.networks import BothHeads, build_model, load_matching_weights
 
 log = logging.getLogger("training")
 
@@ -171,15 +171,22 @@ def build_network(config: TrainConfig) -> nn.Module:
     return model
 
 
+def trainable(config: TrainConfig, model: nn.Module) -> nn.Module:
+    """The module the training step calls (and DistributedDataParallel wraps): a joint network answers both heads."""
+    return BothHeads(model) if config.model == "joint" else model
+
+
 def training_loss(
     config: TrainConfig, net: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, pos: float
 ) -> torch.Tensor:
-    """Class-weighted BCE for the slice label, Dice + BCE for the mask, or both for a joint network."""
+    """Class-weighted BCE for the slice label, Dice + BCE for the mask, or both for a joint network.
+
+    `net` is `trainable(config, model)`, possibly inside DistributedDataParallel."""
     if config.model == "classifier":
         return weighted_bce_loss(net(images).float()[:, 0], labels, pos)
     if config.model == "segmenter":
         return dice_bce_loss(net(images).float(), masks)
-    mask_logits, tumor_logit = (net.module if isinstance(net, DistributedDataParallel) else net).forward_both(images)
+    mask_logits, tumor_logit = net(images)
     return dice_bce_loss(mask_logits.float(), masks) + weighted_bce_loss(tumor_logit.float()[:, 0], labels, pos)
 
 
@@ -276,7 +283,9 @@ def fit(
     run = Run(out_dir, config, model, ema)
     if resume:
         run.resume(optimizer, scaler)
-    net = DistributedDataParallel(model) if runtime.world_size > 1 else model
+    net = trainable(config, model)
+    if runtime.world_size > 1:
+        net = DistributedDataParallel(net)
 
     dataset = SliceDataset(cache, train_idx)
     sampler = DistributedSampler(dataset, seed=config.seed) if runtime.world_size > 1 else None

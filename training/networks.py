@@ -137,6 +137,17 @@ class ResUNet(nn.Module):
         return self.head(y)
 
 
+class BothHeads(nn.Module):
+    """A ResUNet whose forward gives both heads: what joint training (and DistributedDataParallel) calls."""
+
+    def __init__(self, model: ResUNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_both(x)
+
+
 def build_model(kind: str, width: int, blocks: tuple[int, ...]) -> ResNet | ResUNet:
     """`classifier` -> ResNet; `segmenter` and `joint` (both heads, trained together) -> ResUNet."""
     return ResNet(blocks, width) if kind == "classifier" else ResUNet(blocks, width)

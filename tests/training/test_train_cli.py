@@ -128,12 +128,12 @@ def test_segmenter_encoder_starts_from_the_trained_classifier(trained_runs: Trai
 def test_torchrun_two_cpu_processes(trained_runs: TrainedRuns, tmp_path: Path) -> None:
     torchrun = Path(sys.executable).parent / "torchrun"
     log = run_training(
-        *train_args(trained_runs, "classifier", tmp_path / "runs", "--epochs", "1"),
+        *train_args(trained_runs, "joint", tmp_path / "runs", "--epochs", "1"),  # both heads through DDP's forward
         launcher=(str(torchrun), "--standalone", "--nproc-per-node", "2", "-m"),
     )
     assert "world 2" in log
-    assert [h["epoch"] for h in history(tmp_path / "runs" / "classifier")] == [1]
-    _, checkpoint = load_model(tmp_path / "runs" / "classifier" / "last.pt")  # no DDP "module." prefix
+    assert [h["epoch"] for h in history(tmp_path / "runs" / "joint")] == [1]
+    _, checkpoint = load_model(tmp_path / "runs" / "joint" / "last.pt")  # no DDP "module." prefix
     assert checkpoint["state"]["epoch"] == 1
 
 
