@@ -79,8 +79,8 @@ def main() -> None:
             pool.decode(garbage, "JPEG 2000")
         crashes.append(time.perf_counter() - started)
     median_crash_ms = statistics.median(crashes) * 1000
-    print(f"\nA decode that aborts its worker, refused and the worker replaced: median {median_crash_ms:.0f} ms")
-    print(f"({pool.replaced} workers replaced; the next decode is served by the fresh one)")
+    print(f"\nA decode that aborts its worker (started for it, then lost): median {median_crash_ms:.0f} ms")
+    print(f"({pool.replaced} workers lost; each next decode starts a fresh one)")
     pool.close()
 
 

@@ -3,8 +3,9 @@
 The JPEG 2000, JPEG and JPEG-LS decoders pydicom calls (GDCM, OpenJPEG via Pillow, CharLS) are C/C++: on
 crafted data GDCM throws a C++ exception through Python and abort()s the whole process. Here each decode
 runs in a worker process (forkserver: never a fork of the threaded server) with an address-space limit
-(RLIMIT_AS) and a time limit; a worker that dies, overruns or runs out of memory is replaced and the
-request is refused with a 4xx. One worker decodes one file at a time, so a crash takes no other request down.
+(RLIMIT_AS) and a time limit; a worker that dies, overruns or runs out of memory is dropped (a fresh one
+starts for the next decode) and the request is refused with a 4xx. One worker decodes one file at a time,
+so a crash takes no other request down.
 docs/limits.md has the measured cost per decode (in process vs in a worker).
 """
 
@@ -59,17 +60,24 @@ class Worker:
 
 
 class DecoderPool:
-    """`workers` decoder processes; decode() borrows one, and replaces it when it dies or overruns."""
+    """`workers` decoder slots; decode() borrows one, starting its process when it has none (first use, or after
+    the last one died, overran or ran out of memory), so a process that cannot start costs a 503, not a 500."""
 
     def __init__(self, workers: int, timeout_s: float, memory_bytes: int) -> None:
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(PRELOAD)
         self.timeout_s = timeout_s
         self.memory_bytes = memory_bytes
-        self.idle: queue.Queue[Worker] = queue.Queue()
+        self.idle: queue.Queue[Worker | None] = queue.Queue()
         self.replaced = 0  # workers lost to crashes, overruns or memory (for tests and logs)
         for _ in range(workers):
-            self.idle.put(Worker(self.context, memory_bytes))
+            self.idle.put(None)
+
+    def start_worker(self) -> Worker:
+        try:
+            return Worker(self.context, self.memory_bytes)
+        except Exception as error:  # fork refused (process or memory limits), forkserver gone
+            raise ImageRejected(503, "a DICOM decoder process could not be started; retry in a few seconds") from error
 
     def decode(self, data: bytes, syntax_name: str) -> np.ndarray:
         """The file's stored pixel array, decoded in a worker; ImageRejected (400/413/503) when that fails."""
@@ -79,6 +87,7 @@ class DecoderPool:
             raise ImageRejected(503, "every DICOM decoder is busy; retry in a few seconds") from error
         status, payload = "died", None
         try:
+            worker = worker or self.start_worker()
             worker.connection.send_bytes(data)
             if worker.connection.poll(self.timeout_s):
                 status, payload = worker.connection.recv()
@@ -87,9 +96,9 @@ class DecoderPool:
         except (EOFError, OSError):  # the worker died: a native crash (abort, segfault) or the memory limit
             status = "died"
         finally:
-            if status not in ("ok", "error"):  # dead, hung or out of memory: a fresh one takes its place
+            if worker is not None and status not in ("ok", "error"):  # dead, hung or out of memory
                 worker.stop()
-                worker = Worker(self.context, self.memory_bytes)
+                worker = None  # the next decode in this slot starts a fresh process
                 self.replaced += 1
             self.idle.put(worker)
         what = f"the DICOM pixel data ({syntax_name})"
@@ -106,9 +115,11 @@ class DecoderPool:
     def close(self) -> None:
         while True:
             try:
-                self.idle.get_nowait().stop()
+                worker = self.idle.get_nowait()
             except queue.Empty:
                 return
+            if worker is not None:
+                worker.stop()
 
 
 _pool: DecoderPool | None = None

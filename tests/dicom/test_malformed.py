@@ -146,3 +146,16 @@ def test_every_refusal_names_every_accepted_format() -> None:
         with pytest.raises(ImageRejected) as caught:
             decode_image(data, LIMITS, content_type)
         assert "DICOM, TIFF, PNG, JPEG or WebP" in caught.value.detail
+
+
+def test_a_decode_over_its_memory_limit_is_refused_and_its_worker_replaced() -> None:
+    ds = base_dataset()  # uncompressed: the pool decodes any syntax, and nothing has to be encoded here
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 2048, 2048, 12
+    ds.PixelData = np.zeros((12, 2048, 2048), np.uint16).tobytes()  # 96 MiB, read, then decoded: past 256 MiB
+    pool = DecoderPool(workers=1, timeout_s=30, memory_bytes=256 << 20)
+    try:
+        with pytest.raises(ImageRejected) as caught:
+            pool.decode(to_bytes(ds), "native")
+        assert caught.value.status_code in (400, 413) and pool.replaced == 1
+    finally:
+        pool.close()
