@@ -33,15 +33,18 @@ def counts(records: list[loadgen.Record]) -> dict[str, int]:
 
 
 def overload(seconds: float) -> list[dict]:
+    """Rows: 1 client, `bound` clients, then 64 clients that wait the Retry-After (1 s) after a 503, as the
+    header asks, and 64 that retry at once (a storm: every refusal costs the server and the client CPU)."""
     rows = []
     with service(Path(tempfile.mkdtemp()), "--no-access-log") as server:
         bound = int(server.metric("lgg_admission_capacity_slices"))
-        for clients in (1, bound, OVERLOAD_CLIENTS):
-            records = loadgen.run(prediction_load(server.url), clients, seconds)
+        for clients, pause_s in ((1, 0.0), (bound, 0.0), (OVERLOAD_CLIENTS, 1.0), (OVERLOAD_CLIENTS, 0.0)):
+            records = loadgen.run(prediction_load(server.url, pause_after_503_s=pause_s), clients, seconds)
             rows.append(
                 {
                     "clients": clients,
                     "bound": bound,
+                    "after_503": f"wait {pause_s:g} s",
                     "answers": counts(records),
                     "accepted_p50_ms": latencies_ms(records, 50, 200),
                     "accepted_p99_ms": latencies_ms(records, 99, 200),
@@ -52,11 +55,12 @@ def overload(seconds: float) -> list[dict]:
             )
             print(rows[-1], flush=True)
     at_bound = rows[1]["accepted_p99_ms"]
-    top = rows[2]
-    print(f"\ntarget: accepted p99 at {OVERLOAD_CLIENTS} clients < 2 x p99 at the bound ({at_bound} ms): ", end="")
-    print(f"{top['accepted_p99_ms']} ms, {'met' if top['accepted_p99_ms'] < 2 * at_bound else 'MISSED'}")
-    rejected_p99 = top["rejected_p99_ms"]
-    print(f"target: 503 p99 < 50 ms: {rejected_p99} ms, {'met' if rejected_p99 and rejected_p99 < 50 else 'MISSED'}")
+    for row in rows[2:]:
+        print(f"\n{row['clients']} clients, {row['after_503']} after a 503:")
+        accepted, rejected = row["accepted_p99_ms"], row["rejected_p99_ms"]
+        print(f"  target accepted p99 < 2 x p99 at the bound ({at_bound} ms): {accepted} ms, ", end="")
+        print("met" if accepted < 2 * at_bound else "MISSED")
+        print(f"  target 503 p99 < 50 ms: {rejected} ms, {'met' if rejected and rejected < 50 else 'MISSED'}")
     return rows
 
 
