@@ -132,7 +132,9 @@ def test_app_refuses_to_start_on_a_bad_model_folder(bundled_models_dir: Path, tm
 
 
 def test_wrong_io_names_in_the_card_refuse(bundled_models_dir: Path, tmp_path: Path) -> None:
-    folder = copy_card(bundled_models_dir, tmp_path, {"classifier": {"output": {"name": "logits", "shape": ["batch", 1]}}})
+    folder = copy_card(
+        bundled_models_dir, tmp_path, {"classifier": {"output": {"name": "logits", "shape": ["batch", 1]}}}
+    )
     settings = Settings(model_dir=folder, providers="CPUExecutionProvider", warmup_runs=0)
     with pytest.raises(ModelFolderError, match="the card expects 'image' -> 'logits'"):
         load_models(read_model_card(folder), settings)
