@@ -22,6 +22,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, SegmentationStorage, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from app.core.admission import Overloaded
 from app.core.analysis import segment_dicom, series_limits
 from app.core.codecs import ImageRejected
 from app.core.config import Settings
@@ -176,8 +177,8 @@ class DicomNode:
             analysis, seg = await segment_dicom(self.service, uploads, series_limits(self.settings))
             segmented = time.perf_counter()
             await asyncio.to_thread(send_seg, seg, self.destination, self.settings.dicom_ae_title)
-        except NotReady:
-            self.spool.requeue(batch)  # not a failure: the models are still loading
+        except (NotReady, Overloaded):
+            self.spool.requeue(batch)  # not a failure: the models are still loading, or HTTP traffic holds the bound
             await asyncio.sleep(1.0)
             return
         except Exception as error:  # anything else: the series stays in the spool with its reason
