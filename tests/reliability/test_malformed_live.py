@@ -6,6 +6,7 @@ the reliability suite), or LGG_MALFORMED_COUNT. docs/limits.md gives the campaig
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -56,6 +57,20 @@ def test_a_jpeg2000_that_aborts_the_decoder_costs_one_request_not_the_process(se
     assert "terminate called" in server.log()  # the native crash did happen, in a worker
     assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
     valid_request_succeeds(server)
+
+
+def test_concurrent_valid_decodes_are_untouched_by_crashing_ones(server: LiveServer) -> None:
+    garbage = ("x.dcm", encapsulated(JPEG2000Lossless, J2K_MAGIC + bytes(range(256)) * 8), "application/dicom")
+    valid = valid_files()["dicom-jpeg2000"]
+    jobs = [valid, garbage] * 8
+
+    def post(file: tuple[str, bytes, str]) -> int:
+        return httpx.post(f"{server.url}{PREDICT}", files=[("file", file)], timeout=120).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(post, jobs))
+    assert statuses == [200, 400] * 8
+    assert server.process.poll() is None, server.log()
 
 
 def test_the_malformed_corpus_gets_no_5xx_and_no_crash(server: LiveServer) -> None:
