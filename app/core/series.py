@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 
 from app.core.codecs import image_pixels, open_image
 from app.core.config import Settings
-from app.core.dicom import DicomFrame, OpenedDicom, decode_dicom, is_dicom, open_dicom
+from app.core.dicom import DicomFrame, OpenedDicom, decode_dicom, frame_geometry, is_dicom, open_dicom
 from app.core.dicom_attributes import first_number, text, value_of
 from app.core.limits import ImageLimits, ImageRejected, PixelBudget
 
@@ -203,6 +203,7 @@ def read_dicom_series(files: list[Upload], limits: SeriesLimits, budget: PixelBu
         opened.append(named(upload, open_dicom, upload.data, image_limits, budget))
         frame_count += opened[-1].layout.frames
     check_one_series([o.dataset for o in opened])
+    check_one_geometry(opened)
     sources: list[Dataset] = []
     frames: list[tuple[int, DicomFrame]] = []  # (source index, frame)
     for upload, item in zip(files, opened, strict=True):
@@ -210,7 +211,6 @@ def read_dicom_series(files: list[Upload], limits: SeriesLimits, budget: PixelBu
         frames += [(len(sources), frame) for frame in image.frames]
         sources.append(image.dataset)
     del opened
-    check_one_geometry([frame for _, frame in frames])
     order, ordered_by, spacing_from_positions = order_frames(sources, frames)
     first = frames[order[0]][1]
     pixel_spacings = {f.pixel_spacing for _, f in frames}
@@ -256,14 +256,19 @@ def check_one_series(sources: list[Dataset]) -> None:
         raise ImageRejected(400, f"the same DICOM instance was sent more than once: {sorted(repeated)}")
 
 
-def check_one_geometry(frames: list[DicomFrame]) -> None:
-    """One stack: the same orientation and pixel spacing for every frame that declares them (sizes: read_series)."""
-    orientations = np.array([f.orientation for f in frames if f.orientation is not None], np.float64)
-    if 0 < len(orientations) < len(frames):
+def check_one_geometry(opened: list[OpenedDicom]) -> None:
+    """One stack, from the headers: the same rows and columns, and the same orientation and pixel spacing for
+    every frame that declares them."""
+    sizes = sorted({(o.layout.rows, o.layout.columns) for o in opened})
+    if len(sizes) > 1:
+        raise ImageRejected(400, f"the slices differ in size ({sizes} rows x columns); a series is one stack")
+    geometry = [frame_geometry(o.dataset, index, o.layout.frames) for o in opened for index in range(o.layout.frames)]
+    orientations = np.array([g["orientation"] for g in geometry if g["orientation"] is not None], np.float64)
+    if 0 < len(orientations) < len(geometry):
         raise ImageRejected(400, "some slices have an ImageOrientationPatient and others not: not one stack")
     if len(orientations) and np.abs(orientations - orientations[0]).max() > SAME_ORIENTATION:
         raise ImageRejected(400, "the slices have different orientations: they are not one stack")
-    spacings = np.array([f.pixel_spacing for f in frames if f.pixel_spacing is not None], np.float64)
+    spacings = np.array([g["pixel_spacing"] for g in geometry if g["pixel_spacing"] is not None], np.float64)
     if len(spacings) and np.abs(spacings / spacings[0] - 1).max() > SAME_PIXEL_SPACING:
         raise ImageRejected(400, "the slices have different pixel spacings: they are not one stack")
 
