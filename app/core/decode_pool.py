@@ -127,7 +127,8 @@ _pool_lock = threading.Lock()
 
 
 def decoder_pool(workers: int, timeout_s: float, memory_bytes: int) -> DecoderPool:
-    """The process's pool, started on the first compressed decode (most requests never need it)."""
+    """The process's one pool, made on the first compressed decode with that caller's settings (later calls share
+    it: one service per process); most requests never need it."""
     global _pool
     with _pool_lock:
         if _pool is None:
