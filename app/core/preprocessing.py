@@ -44,8 +44,9 @@ def resize_plane(plane: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def preprocess_slice(image: np.ndarray, size: int) -> np.ndarray:
     """8-bit slice of any size -> float32 array (3, size, size) for the networks."""
-    rgb = to_three_channels(image).astype(np.float32)
-    planes = np.stack([resize_plane(rgb[..., c], size, size) for c in range(3)])
+    rgb = to_three_channels(image)
+    # One channel in float at a time: a 4096 x 4096 slice needs 64 MiB of float, not 192.
+    planes = np.stack([resize_plane(rgb[..., c].astype(np.float32), size, size) for c in range(3)])
     mean = planes.mean(axis=(1, 2), keepdims=True)
     std = planes.std(axis=(1, 2), keepdims=True)
     return ((planes - mean) / np.maximum(std, STD_FLOOR)).astype(np.float32)
