@@ -47,7 +47,13 @@ class Settings(BaseSettings):
         "measured on (bench/serving.py) it lowered throughput at 1, 4 and 16 clients; try it on a GPU.",
     )
     max_batch_size: int = Field(16, ge=1, le=256, description="Most slices per ONNX Runtime call.")
-    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long the batcher waits for more slices.")
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="How long the batcher waits for more slices. 0 (Triton's default): a lone slice runs at once; "
+        "under load batches still form from the slices that arrive while the previous batch runs.",
+    )
     warmup_runs: int = Field(1, ge=0, description="Warm-up inferences per batch size before /readyz says ready.")
 
     max_upload_bytes: int = Field(20 * MiB, ge=1, description="Largest image file accepted.")
