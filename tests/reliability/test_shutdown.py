@@ -22,6 +22,7 @@ SLICES_PER_REQUEST = 8  # long enough requests that some are in flight when the 
 DRAIN_S = 2.0
 GRACE_S = 30.0
 LOAD_BEFORE_SIGTERM_S = 3.0
+LAST_BATCH_SLICES = 64  # sent just before the listener closes: surely still running when it does
 
 
 def test_sigterm_under_load_drops_nothing_and_exits_0(tmp_path: Path) -> None:
@@ -53,8 +54,22 @@ def test_sigterm_under_load_drops_nothing_and_exits_0(tmp_path: Path) -> None:
         def send(load: loadgen.Load) -> None:
             records.extend(loadgen.run(load, CLIENTS, LOAD_BEFORE_SIGTERM_S + DRAIN_S / 2, start_at=start_at))
 
+        last: list[tuple[float, float, int]] = []
+
+        files = [("files", (f"{i}.png", slice_upload(i), "image/png")) for i in range(LAST_BATCH_SLICES)]
+        last_request = httpx.Request("POST", f"{server.url}{path}", files=files)
+        last_request.read()  # encoded now: sending must not wait for it
+
+        def send_last_batch() -> None:
+            with httpx.Client(timeout=GRACE_S) as http:
+                time.sleep(max(0.0, sigterm_at + DRAIN_S - 0.5 - time.monotonic()))
+                started = time.monotonic()
+                response = http.send(last_request)
+            last.append((started, time.monotonic(), response.status_code))
+
         threads = [
             threading.Thread(target=terminate),
+            threading.Thread(target=send_last_batch),
             threading.Thread(target=send, args=(batches,)),
             threading.Thread(target=send, args=(prediction_load(server.url),)),
         ]
@@ -71,8 +86,9 @@ def test_sigterm_under_load_drops_nothing_and_exits_0(tmp_path: Path) -> None:
     assert not failed, failed[:5]
     after_sigterm = [r for r in records if r[0] >= sigterm_at]
     assert after_sigterm, "no request was sent during the drain"
-    in_flight_at_close = [r for r in records if r[0] < sigterm_at + DRAIN_S < r[0] + r[1]]
-    assert in_flight_at_close, "no request was in flight when the listener closed: the test proved nothing"
+    [(last_started, last_ended, last_status)] = last
+    assert last_status == 200
+    assert last_started < sigterm_at + DRAIN_S < last_ended, "the last batch was not in flight at the close"
     assert readiness and readiness[0][1] == 503, readiness[:3]
     assert "Traceback" not in log and "Finished server process" in log
 
