@@ -47,7 +47,8 @@ def unused_port_url() -> str:
 
 def settings_env(settings: dict[str, object]) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("LGG_")}
-    defaults = {"model_dir": REPO_ROOT / "models", "providers": "CPUExecutionProvider"}
+    # No drain on SIGTERM (3 s by default): tests stop many servers; tests/reliability tests the drain itself.
+    defaults = {"model_dir": REPO_ROOT / "models", "providers": "CPUExecutionProvider", "shutdown_drain_s": 0}
     for name, value in (defaults | settings).items():
         env[f"LGG_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     return env

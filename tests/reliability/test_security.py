@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.main import create_app
 from tests.conftest import REPO_ROOT
-from tests.reliability.harness import Service, multipart, service, slice_upload
+from tests.reliability.harness import Service, multipart, read_response, service, slice_upload
 
 API_KEY = "reliability-key-0123456789"
 
@@ -51,7 +51,7 @@ def test_unauthenticated_upload_is_refused_on_its_headers(server: Service) -> No
             b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             b"Content-Length: 209715200\r\n\r\n"
         )
-        answer = client.recv(65536).decode(errors="replace")
+        answer = read_response(client)
     assert answer.startswith("HTTP/1.1 401"), answer
     assert "missing or wrong API key" in answer
 
@@ -71,7 +71,7 @@ def test_wrong_and_right_keys(server: Service) -> None:
 def test_oversized_request_head_is_refused(server: Service) -> None:
     with connect(server) as client:
         client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1024 * 1024) + b"\r\n\r\n")
-        answer = client.recv(65536).decode(errors="replace")
+        answer = read_response(client)
     assert answer.startswith("HTTP/1.1 400"), answer
     assert httpx.get(f"{server.url}/healthz").status_code == 200
 

@@ -78,6 +78,7 @@ def server(bundled_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         "LGG_MAX_WAIT_MS": "5",
         "LGG_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
         "LGG_MAX_IN_FLIGHT_SLICES": str(CONCURRENT_REQUESTS),  # all 50 admitted: they must share batches
+        "LGG_SHUTDOWN_DRAIN_S": "0",  # stopped at the end: no load balancer to wait for
         # Warm-up (batch sizes 1, 2, 4, 8; 2 runs each: about a second on an idle machine) lasts long enough
         # after the port opens for /readyz to be seen answering 503 first.
         "LGG_WARMUP_RUNS": "2",
