@@ -24,22 +24,23 @@ def onnx_session(path: Path) -> ort.InferenceSession:
 
 def training_reference(model_dir: Path, image_path: Path) -> tuple[float, np.ndarray]:
     """What `python -m training evaluate` computes for the slice: its reader, the shared preprocessing,
-    the exported ONNX models and `pipeline_masks` with the card's thresholds."""
+    the exported ONNX models and `selection.pipeline_masks` with the card's thresholds."""
     dataset = pytest.importorskip("training.dataset", reason="training code needs torch")
-    evaluate = pytest.importorskip("training.evaluate", reason="training code needs torch")
+    selection = pytest.importorskip("training.selection", reason="training code needs torch")
     image = dataset.read_image(image_path)
     card = read_model_card(model_dir)
     batch = preprocess_slice(image, card.input_size)[None]
     outputs = {}
     for spec in (card.classifier, card.segmenter):
         outputs[spec.kind] = onnx_session(spec.path.resolve()).run([spec.output_name], {spec.input_name: batch})[0]
-    masks = evaluate.pipeline_masks(
-        outputs["classifier"][:, 0],
-        outputs["segmenter"],
-        image.shape[:2],
+    postprocessing = card.card.postprocessing
+    thresholds = selection.Thresholds(
         card.classifier.threshold,
         card.segmenter.threshold,
+        (postprocessing and postprocessing.min_component_pixels) or 0,
     )
+    slice_outputs = selection.Outputs(np.arange(1), outputs["classifier"][:, 0], outputs["segmenter"][:, 0])
+    masks = selection.pipeline_masks(slice_outputs, image.shape[:2], thresholds)
     return float(outputs["classifier"][0, 0]), masks[0]
 
 
