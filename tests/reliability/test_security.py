@@ -53,7 +53,10 @@ def test_unauthenticated_upload_is_refused_on_its_headers(server: Service) -> No
         )
         answer = read_response(client)
     assert answer.startswith("HTTP/1.1 401"), answer
-    assert "missing or wrong API key" in answer
+    body = answer.partition("\r\n\r\n")[2]
+    # The server closes the connection with 200 MB announced and unread: the kernel may reset it before the
+    # body arrives here. Where the body arrived, it names the problem.
+    assert not body or "missing or wrong API key" in body, answer
 
 
 def test_wrong_and_right_keys(server: Service) -> None:
