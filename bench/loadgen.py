@@ -134,7 +134,7 @@ def http_load(job: LoadJob) -> dict:
         outputs.append(json.loads(stdout))
     server_cpu = proc_tree_cpu_seconds(job.server_pid) - server_cpu
     jobs_dir.cleanup()
-    records = sorted(tuple(r) for output in outputs for r in output["records"])
+    records = sorted((tuple(r) for output in outputs for r in output["records"]), key=lambda r: r[0])
     started = records[0][0] if records else time.perf_counter()
     client_cpu_s = sum(output["client_cpu_s"] for output in outputs)
     return summarize(records, started, server_cpu) | {

@@ -177,8 +177,10 @@ def measure_service(
     with uvicorn_server(f"service-{models.name}-{provider}-{workers}", SERVICE_APP, env, workers=workers) as server:
         for route, path, bodies, slices_per_request, shape in runs:
             before = classifier_batches(server.url) if workers == 1 else None
-            job = LoadJob(server.url + path, bodies, slices_per_request, shape, server.pid)
-            result = http_load(LoadJob(**{**job.__dict__, "processes": default_processes(shape.concurrency)}))
+            processes = default_processes(shape.concurrency)
+            result = http_load(
+                LoadJob(server.url + path, bodies, slices_per_request, shape, server.pid, processes=processes)
+            )
             if before is not None:  # one worker's metrics are the whole service's (warm-up included)
                 slices, calls = (a - b for a, b in zip(classifier_batches(server.url), before, strict=True))
                 result["mean_onnx_batch"] = round(slices / calls, 2) if calls else None
@@ -196,8 +198,8 @@ def measure_naive(slice_set: SliceSet, models: ModelSet, shapes: list[LoadShape]
     env = {"LGG_MODEL_DIR": str(models.path)}
     with uvicorn_server(NAIVE, "bench.naive_service:app", env, "/healthz") as server:
         for shape in shapes:
-            job = LoadJob(server.url + "/v1/predict", bodies, 1, shape, server.pid)
-            result = http_load(LoadJob(**{**job.__dict__, "processes": default_processes(shape.concurrency)}))
+            processes = default_processes(shape.concurrency)
+            result = http_load(LoadJob(server.url + "/v1/predict", bodies, 1, shape, server.pid, processes=processes))
             row = {"system": NAIVE, "models": "real", "provider": "cpu", "workers": 1, "route": "single"}
             rows.append(row | result)
             print(f"  {NAIVE} c={shape.concurrency}: {result['slices_per_s']} slices/s", flush=True)
