@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -54,12 +55,21 @@ def settings_env(settings: dict[str, object]) -> dict[str, str]:
     return env
 
 
-def wait_for(server: LiveServer, path: str, timeout_s: float) -> None:
+class Started(Protocol):
+    """A server process the tests started: uvicorn (LiveServer), Orthanc, ..."""
+
+    url: str
+    process: subprocess.Popen
+
+    def log(self) -> str: ...
+
+
+def wait_for(server: Started, path: str, timeout_s: float) -> None:
     """Until GET path answers 200; fails early with the log when the process exits."""
     deadline = time.monotonic() + timeout_s
     while True:
         if server.process.poll() is not None:
-            raise RuntimeError(f"uvicorn exited with {server.process.returncode}:\n{server.log()}")
+            raise RuntimeError(f"{server.process.args[0]} exited with {server.process.returncode}:\n{server.log()}")
         try:
             if httpx.get(f"{server.url}{path}", timeout=5).status_code == 200:
                 return

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.live_server import stop
+from tests.live_server import stop, wait_for
 
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -117,18 +117,7 @@ def orthanc(folder: Path, modalities: dict[str, tuple[str, str, int]]) -> Iterat
         process = subprocess.Popen([ORTHANC, str(config_path)], stdout=log, stderr=subprocess.STDOUT)
     pacs = Orthanc(f"http://127.0.0.1:{http_port}", dicom_port, process, log_path)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {process.returncode}:\n{pacs.log()}")
-            try:
-                if httpx.get(f"{pacs.url}/system", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Orthanc not answering after {START_TIMEOUT_S:g} s:\n{pacs.log()}")
-            time.sleep(0.1)
+        wait_for(pacs, "/system", START_TIMEOUT_S)
         yield pacs
     finally:
         stop(process)

@@ -8,17 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 from tests.conftest import REPO_ROOT
-from tests.live_server import settings_env
+from tests.live_server import LiveServer, settings_env, wait_for
 from tests.reliability.loadgen import Body, Load, Record
 from tests.reliability.malformed import crafted_cases, mutated_cases
 from tests.service.conftest import encode, synthetic_slice
@@ -27,15 +25,7 @@ START_TIMEOUT_S = 180.0  # a nice 15 training job may hold the CPU
 STOP_TIMEOUT_S = 60.0
 
 
-@dataclass
-class Service:
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
+class Service(LiveServer):
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -82,18 +72,7 @@ def service(log_dir: Path, *uvicorn_args: str, **settings: object) -> Iterator[S
         )
     server = Service(f"http://127.0.0.1:{port}", process, log_path)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with {process.returncode}:\n{server.log()}")
-            try:
-                if httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"not ready in {START_TIMEOUT_S:g} s:\n{server.log()}")
-            time.sleep(0.1)
+        wait_for(server, "/readyz", START_TIMEOUT_S)
         yield server
     finally:
         if process.poll() is None:
