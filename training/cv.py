@@ -34,11 +34,11 @@ def fold_plan(cache: SliceCache, folds: int, seed: int, path: Path) -> list[dict
     plan = []
     for k, test in enumerate(held_out):
         training = np.isin(cache.patients, test, invert=True)
+        names = set(cache.patients[training].tolist())
         # Tiny datasets (tests) get fewer, larger groups, so the validation group still holds tumor slices.
-        groups = min(INNER_GROUPS, max(2, len(set(cache.patients[training].tolist())) // 3))
-        inner = patient_folds(cache.patients[training], cache.labels[training], groups, seed + k)
-        validation = inner[0]
-        train = sorted(set(cache.patients[training].tolist()) - set(validation))
+        groups = min(INNER_GROUPS, max(2, len(names) // 3))
+        validation = patient_folds(cache.patients[training], cache.labels[training], groups, seed + k)[0]
+        train = sorted(names - set(validation))
         plan.append({"held_out": test, "train": train, "validation": validation})
     if path.exists() and json.loads(path.read_text()) != plan:
         raise SystemExit(f"{path} holds another fold plan (data, --folds or --seed changed): use a new --out")

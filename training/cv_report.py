@@ -14,8 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from app.core.preprocessing import resize_plane
 from training.dataset import SliceCache
+from training.figures import overlay_panel
 from training.metrics import (
     bootstrap_interval,
     decision_metrics,
@@ -23,7 +23,7 @@ from training.metrics import (
     roc_auc,
     segmentation_metrics,
 )
-from training.selection import Outputs, Thresholds, choose_thresholds, pipeline_masks
+from training.selection import MIN_COMPONENT_PIXELS, Outputs, choose_thresholds, pipeline_masks
 
 # name -> (flip averaging, small components removed); the first is the recipe's, fixed before any result.
 VARIANTS = {
@@ -63,9 +63,8 @@ def evaluate_variant(
         check_no_leak(cache, arrays)
         validation = fold_outputs(arrays, "validation", flip)
         v = validation.indices
-        chosen, sweeps = choose_thresholds(validation, cache.masks[v], cache.patients[v], sensitivity)
-        if not components:
-            chosen = Thresholds(chosen.classifier, chosen.segmenter, 0)
+        sizes = MIN_COMPONENT_PIXELS if components else (0,)
+        chosen, sweeps = choose_thresholds(validation, cache.masks[v], cache.patients[v], sensitivity, sizes)
         held_out = fold_outputs(arrays, "held_out", flip)
         thresholds[k] = {**chosen.__dict__, "sweeps": sweeps}
         indices.append(held_out.indices)
@@ -194,16 +193,11 @@ def draw_figures(report: dict, cache: SliceCache, out: Path) -> list[str]:
         rows_of = np.flatnonzero(cache.patients[idx] == row["patient"])
         i = rows_of[np.argmax(cache.masks[idx[rows_of]].sum(axis=(1, 2)))]  # the slice with the most tumor
         j = idx[i]
-        ax.imshow(resize_plane(cache.images[j][1].astype(np.float32), *cache.masks.shape[1:]), cmap="gray")
-        ax.contour(cache.masks[j], levels=[0.5], colors="lime", linewidths=1)
-        if predicted[i].any():
-            ax.contour(predicted[i], levels=[0.5], colors="red", linewidths=1)
-        ax.set_title(
+        title = (
             f"{label}: {row['patient']} #{cache.numbers[j]}\nvolume Dice {row['volume_dice']:.3f}, slice Dice "
-            f"{dice_score(predicted[i], cache.masks[j]):.3f}, p {probability[i]:.2f}",
-            fontsize=9,
+            f"{dice_score(predicted[i], cache.masks[j]):.3f}, p {probability[i]:.2f}"
         )
-        ax.axis("off")
+        overlay_panel(ax, cache, j, predicted[i], title)
     fig.suptitle("held-out patients; green: ground truth, red: pipeline")
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(out / "cv_overlays.png", dpi=100)

@@ -20,9 +20,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from app.core.postprocessing import keep_largest_component
-from app.core.preprocessing import resize_plane
 from training.checkpoints import load_run
 from training.dataset import SliceCache, load_cache, read_split
+from training.figures import overlay_panel
 from training.inference import predict
 from training.logs import setup_logging
 from training.metrics import detection_metrics, dice_score, segmentation_metrics
@@ -117,15 +117,10 @@ def draw_figures(
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.5))
     for ax, (label, i) in zip(axes, picks.items(), strict=True):
         j = idx[i]
-        ax.imshow(resize_plane(cache.images[j][1].astype(np.float32), *cache.masks.shape[1:]), cmap="gray")
-        ax.contour(cache.masks[j], levels=[0.5], colors="lime", linewidths=1)
-        if test_masks[i].any():
-            ax.contour(test_masks[i], levels=[0.5], colors="red", linewidths=1)
         dice = dice_score(test_masks[i], cache.masks[j])
         probability = test.tumor_probability[i]
         title = f"{label}: {cache.patients[j]} #{cache.numbers[j]}\nDice {dice:.3f}, p(tumor) {probability:.2f}"
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
+        overlay_panel(ax, cache, j, test_masks[i], title)
     fig.suptitle("green: ground truth, red: pipeline prediction")
     paths.append(out_dir / "test_overlays.png")
     fig.tight_layout(rect=(0, 0, 1, 0.94))

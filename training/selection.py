@@ -55,11 +55,16 @@ def mean_volume_dice(masks: np.ndarray, truths: np.ndarray, patients: np.ndarray
 
 
 def choose_thresholds(
-    outputs: Outputs, truths: np.ndarray, patients: np.ndarray, sensitivity: float
+    outputs: Outputs,
+    truths: np.ndarray,
+    patients: np.ndarray,
+    sensitivity: float,
+    component_sizes: tuple[int, ...] = MIN_COMPONENT_PIXELS,
 ) -> tuple[Thresholds, dict[str, dict[str, float]]]:
     """On validation slices: the classifier's highest threshold with sensitivity >= `sensitivity` (a missed
-    tumor costs more than a false alarm), then the segmenter threshold, then the smallest component kept, each
-    maximizing mean per-volume Dice of the pipeline. Returns the thresholds and both sweeps."""
+    tumor costs more than a false alarm), then the segmenter threshold, then the smallest component kept (among
+    `component_sizes`; `(0,)` keeps every component), each maximizing mean per-volume Dice of the pipeline.
+    Returns the thresholds and both sweeps."""
     labels = truths.reshape(len(truths), -1).any(axis=1)
     classifier = threshold_for_sensitivity(outputs.tumor_probability, labels, sensitivity)
     shape = truths.shape[1:]
@@ -70,7 +75,7 @@ def choose_thresholds(
 
     segmenter_sweep = {str(t): score(t, 0) for t in SEGMENTER_THRESHOLDS}
     segmenter = float(max(segmenter_sweep, key=segmenter_sweep.get))
-    component_sweep = {str(m): score(segmenter, m) for m in MIN_COMPONENT_PIXELS}
+    component_sweep = {str(m): score(segmenter, m) for m in component_sizes}
     min_pixels = int(max(component_sweep, key=component_sweep.get))  # first maximum: the smallest size
     sweeps = {"segmenter_threshold": segmenter_sweep, "min_component_pixels": component_sweep}
     return Thresholds(classifier, segmenter, min_pixels), sweeps
