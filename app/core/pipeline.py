@@ -42,8 +42,7 @@ class BatchTimings:
 @dataclass(frozen=True)
 class ModelOutput:
     tumor_probability: float
-    tumor_detected: bool
-    tumor_probability_map: np.ndarray | None  # (S, S) at model size; only where a tumor was detected
+    tumor_probability_map: np.ndarray | None  # (S, S) at model size; only where the classifier flagged the slice
     batch: BatchTimings
 
 
@@ -109,10 +108,7 @@ class Pipeline:
         timings = BatchTimings(len(images), int(detected.sum()), classified - started, time.perf_counter() - classified)
         if self.on_batch is not None:
             self.on_batch(timings)
-        return [
-            ModelOutput(float(p), bool(d), m, timings)
-            for p, d, m in zip(tumor_probabilities, detected, maps, strict=True)
-        ]
+        return [ModelOutput(float(p), m, timings) for p, m in zip(tumor_probabilities, maps, strict=True)]
 
     def finish(self, prepared: PreparedSlice, output: ModelOutput) -> SlicePrediction:
         started = time.perf_counter()

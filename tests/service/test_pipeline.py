@@ -108,7 +108,7 @@ class FakePipeline:
         if any(int(p.image.flat[0]) == self.fail_on for p in prepared):
             raise RuntimeError("boom")
         timings = BatchTimings(len(prepared), 0, 0.0, 0.0)
-        return [ModelOutput(float(p.image.flat[0]), False, None, timings) for p in prepared]
+        return [ModelOutput(float(p.image.flat[0]), None, timings) for p in prepared]
 
     def finish(self, prepared: PreparedSlice, output: ModelOutput) -> SlicePrediction:
         return SlicePrediction(output.tumor_probability, False, None, output.batch, 0.0, 0.0)
