@@ -174,7 +174,13 @@ class DicomNode:
         files = self.spool.files(batch)
         uploads = [Upload(f"instance {n + 1}", path.read_bytes(), "application/dicom") for n, path in enumerate(files)]
         try:
-            analysis, seg = await segment_dicom(self.service, uploads, series_limits(self.settings))
+            # One unit of admission while the series runs, as the HTTP middleware holds one per request:
+            # service.predict takes the rest, one per further slice.
+            self.service.admission.acquire(1)
+            try:
+                analysis, seg = await segment_dicom(self.service, uploads, series_limits(self.settings))
+            finally:
+                self.service.admission.release(1)
             segmented = time.perf_counter()
             await asyncio.to_thread(send_seg, seg, self.destination, self.settings.dicom_ae_title)
         except (NotReady, Overloaded):

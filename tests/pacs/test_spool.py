@@ -1,5 +1,6 @@
 """The DICOM node's spool: bounded, nothing lost across a restart, failures kept with their error and retried."""
 
+import asyncio
 from pathlib import Path
 
 from app.core.dicom_spool import DicomSpool
@@ -33,3 +34,27 @@ def test_due_series_survive_a_restart_and_failures_keep_their_error(tmp_path: Pa
     restarted.fail(batch, "again")
     assert [f.attempts for f in restarted.list_failed()] == [2]
     assert restarted.counts() == {"incoming": 0, "processing": 0, "failed": 1}
+
+
+def test_a_node_series_waits_while_http_traffic_holds_the_admission_bound(tmp_path: Path) -> None:
+    """The node holds a unit of admission per series, as the HTTP middleware does per request: with the bound
+    full, the series goes back to the queue untouched instead of running (or failing) past the bound."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from app.core.admission import Admission
+    from app.core.config import Settings
+    from app.core.dicom_node import DicomNode
+
+    admission = Admission(2, lambda _: None, lambda: None)
+    admission.acquire(2)  # two HTTP requests in flight: the bound is full
+    service = SimpleNamespace(admission=admission)  # the models are never reached
+    settings = Settings(dicom_destination="PACS@127.0.0.1:4242", dicom_spool_dir=tmp_path, warmup_runs=0)
+    node = DicomNode(settings, service, CollectorRegistry())  # type: ignore[arg-type]
+    node.spool.store(SERIES, "1.1", b"not even DICOM")
+    [batch] = node.spool.take_due(quiet_s=0)
+    asyncio.run(node.process(batch))
+    assert node.spool.take_due(quiet_s=0) == [batch]  # requeued, not failed
+    assert not list(node.spool.failed_dir.iterdir())
+    assert admission.in_flight == 2  # nothing taken, nothing leaked
