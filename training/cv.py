@@ -10,6 +10,7 @@ Every epoch is checkpointed; rerunning the command continues where it stopped.
 import argparse
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,14 @@ import torch
 from training.checkpoints import classifier_of, load_model
 from training.cv_report import cross_validation_report, write_report
 from training.dataset import SliceCache, load_cache, patient_folds
-from training.fitting import Runtime, add_config_arguments, config_from_args, fit
+from training.fitting import Runtime, TrainConfig, add_config_arguments, check_same_recipe, config_from_args, fit
 from training.inference import predict
 from training.logs import setup_logging
 
 log = logging.getLogger("training")
 
 OUTPUTS_FILE = "outputs.npz"
+RECIPE_FILE = "recipe.json"
 INNER_GROUPS = 6  # the inner validation group is one sixth of a fold's training patients (~11 of 68)
 
 
@@ -45,6 +47,14 @@ def fold_plan(cache: SliceCache, folds: int, seed: int, path: Path) -> list[dict
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(plan, indent=1) + "\n")
     return plan
+
+
+def check_one_recipe(config: TrainConfig, path: Path) -> None:
+    """All folds of one --out train one recipe (a recipe change is another CV): written once, then checked."""
+    if path.exists():
+        check_same_recipe(json.loads(path.read_text()), config)
+    else:
+        path.write_text(json.dumps({k: v for k, v in asdict(config).items() if k != "device"}, indent=1) + "\n")
 
 
 def predict_fold(model_path: Path, cache: SliceCache, fold: dict[str, list[str]], out: Path) -> None:
@@ -72,6 +82,7 @@ def run(args: argparse.Namespace) -> dict | None:
     config = config_from_args(args, "joint")
     cache = load_cache(Path(args.data), config.size, Path(args.cache_dir))
     plan = fold_plan(cache, args.folds, config.seed, out / "folds.json")
+    check_one_recipe(config, out / RECIPE_FILE)
     runtime = Runtime.start()
     for k in args.only_folds or range(args.folds):
         fold_dir = out / f"fold{k}"

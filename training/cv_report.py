@@ -147,7 +147,7 @@ def cross_validation_report(
             "best mean per-volume Dice); held-out predictions pooled; 95% intervals by bootstrap over patients"
         ),
         "recipe": {k: getattr(args, k) for k in ("size", "width", "blocks", "epochs", "warmup_epochs", "batch_size")}
-        | {k: getattr(args, k) for k in ("lr", "ema_decay", "seed", "autocast")},
+        | {k: getattr(args, k) for k in ("lr", "ema_decay", "mask_loss", "seed", "autocast")},
         "dice_convention": "Dice = 1 when prediction and truth are both empty, 0 when only one is empty",
         "primary": PRIMARY,
         "variants": {name: {k: v for k, v in m.items() if k != "_predicted"} for name, m in variants.items()},

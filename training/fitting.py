@@ -31,7 +31,7 @@ from app.core.preprocessing import mask_to_input_size
 from training.checkpoints import MODEL_FILE, RESUME_FILE, classifier_of
 from training.dataset import SliceCache, SliceDataset, augment_batch
 from training.inference import predict
-from training.losses import dice_bce_loss, weighted_bce_loss
+from training.losses import MASK_LOSSES, weighted_bce_loss
 from training.metrics import per_volume_dice, roc_auc
 from training.networks import BothHeads, build_model, load_matching_weights
 
@@ -54,6 +54,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     ema_decay: float = 0.998  # 0 turns the moving average off
+    mask_loss: str = "batch_dice"  # batch_dice | slice_dice (training.losses.MASK_LOSSES)
     seed: int = 42
     autocast: str = "none"  # none | bf16 | fp16 (fp16 with a gradient scaler)
     channels_last: bool = True
@@ -64,6 +65,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.mask_loss not in MASK_LOSSES:
+            raise ValueError(f"mask_loss must be one of {tuple(MASK_LOSSES)}, got {self.mask_loss!r}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help="0: no moving average")
+    parser.add_argument(
+        "--mask-loss",
+        choices=list(MASK_LOSSES),
+        default=defaults.mask_loss,
+        help="segmentation loss: Dice over the whole batch, or per tumor slice (weighs small tumors up); + BCE",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument(
@@ -129,6 +138,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> TrainConfig:
         batch_size=args.batch_size,
         lr=args.lr,
         ema_decay=args.ema_decay,
+        mask_loss=args.mask_loss,
         seed=args.seed,
         autocast=args.autocast,
         channels_last=args.channels_last,
@@ -184,10 +194,11 @@ def training_loss(
     `net` is `trainable(config, model)`, possibly inside DistributedDataParallel."""
     if config.model == "classifier":
         return weighted_bce_loss(net(images).float()[:, 0], labels, pos)
+    mask_loss = MASK_LOSSES[config.mask_loss]
     if config.model == "segmenter":
-        return dice_bce_loss(net(images).float(), masks)
+        return mask_loss(net(images).float(), masks)
     mask_logits, tumor_logit = net(images)
-    return dice_bce_loss(mask_logits.float(), masks) + weighted_bce_loss(tumor_logit.float()[:, 0], labels, pos)
+    return mask_loss(mask_logits.float(), masks) + weighted_bce_loss(tumor_logit.float()[:, 0], labels, pos)
 
 
 def validate(config: TrainConfig, model: nn.Module, cache: SliceCache, indices: np.ndarray) -> dict[str, float]:
@@ -202,6 +213,23 @@ def validate(config: TrainConfig, model: nn.Module, cache: SliceCache, indices: 
         dice = per_volume_dice(masks, cache.masks[indices], cache.patients[indices])
         scores["volume_dice"] = float(np.mean(list(dice.values())))
     return scores
+
+
+# What a resumed run may change: the schedule's length (to extend a run) and where it trains.
+RESUMABLE_CHANGES = ("epochs", "device")
+
+
+def check_same_recipe(saved: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse to resume a checkpoint under another recipe: its epochs would mix two recipes in one run.
+
+    Options newer than the checkpoint take their default (what the run trained with)."""
+    current = asdict(config)
+    defaults = asdict(TrainConfig(model=config.model))
+    saved = {**defaults, **saved, "blocks": tuple(saved.get("blocks", defaults["blocks"]))}
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved[k] != current[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
+        raise SystemExit(f"the checkpoint to resume was trained with another recipe ({details}): use a new --out")
 
 
 class Run:
@@ -221,6 +249,7 @@ class Run:
         if not path.exists():
             return
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        check_same_recipe(checkpoint["config"], self.config)
         if checkpoint["config"]["epochs"] != self.config.epochs:
             log.info(
                 "resuming with %d planned epochs instead of %d", self.config.epochs, checkpoint["config"]["epochs"]

@@ -11,9 +11,30 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return 1 - (2 * intersection + smooth) / (probability.sum() + target.sum() + smooth)
 
 
+def per_slice_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - mean Dice over the batch's slices that hold tumor: a 100-pixel tumor weighs as much as a
+    10,000-pixel one (in the batch Dice, large tumors decide). Tumor-free slices are left to the BCE term."""
+    probability, target = torch.sigmoid(logits).flatten(1), target.flatten(1)
+    with_tumor = target.sum(dim=1) > 0
+    if not with_tumor.any():
+        return logits.sum() * 0.0  # no tumor in the batch: no Dice term, and the graph stays connected
+    probability, target = probability[with_tumor], target[with_tumor]
+    dice = (2 * (probability * target).sum(dim=1) + smooth) / (probability.sum(dim=1) + target.sum(dim=1) + smooth)
+    return 1 - dice.mean()
+
+
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Dice drives overlap on the rare tumor pixels; BCE keeps per-pixel gradients well behaved."""
     return soft_dice_loss(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
+
+
+def per_slice_dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """As dice_bce_loss, with the Dice term per tumor slice (weighs small tumors up)."""
+    return per_slice_dice_loss(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
+
+
+# --mask-loss: the segmentation loss of a run, by name (saved in its config and the model card).
+MASK_LOSSES = {"batch_dice": dice_bce_loss, "slice_dice": per_slice_dice_bce_loss}
 
 
 def weighted_bce_loss(logits: torch.Tensor, labels: torch.Tensor, positive_weight: float) -> torch.Tensor:

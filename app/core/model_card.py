@@ -54,6 +54,7 @@ class Hyperparameters(CardModel):
     warmup_epochs: float | None = None
     weight_decay: float | None = None
     ema_decay: float | None = None
+    mask_loss: str | None = Field(None, description="Segmentation loss (training MASK_LOSSES); null: batch_dice.")
     seed: int = Field(description="The --seed the run used.")
     autocast: str
     channels_last: bool

@@ -102,6 +102,8 @@ def test_cv_runs_resumes_and_reports_every_patient_once(synthetic_tif: Synthetic
     fold0 = (tmp_path / "cv" / "fold0" / "outputs.npz").stat().st_mtime_ns
     log = run_training(*common, "--epochs", "1")
     assert "fold 1/2" not in log and "fold 2/2" in log  # fold 0 is done and not trained again
+    with pytest.raises(AssertionError, match="another recipe"):  # a recipe change is another CV, not more folds
+        run_training(*common, "--epochs", "1", "--mask-loss", "slice_dice")
     assert (tmp_path / "cv" / "fold0" / "outputs.npz").stat().st_mtime_ns == fold0
     report = json.loads((tmp_path / "cv" / "report.json").read_text())
     patients = [row["patient"] for row in report["per_patient"]]

@@ -2,12 +2,22 @@
 
 import itertools
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
 from torch import nn
 
-from training.fitting import TrainConfig, learning_rate, moving_average
+from training.fitting import (
+    TrainConfig,
+    build_network,
+    check_same_recipe,
+    learning_rate,
+    moving_average,
+    trainable,
+    training_loss,
+)
+from training.losses import MASK_LOSSES
 
 
 def test_learning_rate_warms_up_then_decays_to_zero_over_the_whole_schedule() -> None:
@@ -36,3 +46,28 @@ def test_moving_average_follows_the_update_rule_for_weights_and_batchnorm_statis
     torch.testing.assert_close(after["0.weight"], expected_weight)
     torch.testing.assert_close(after["1.running_mean"], 0.9 * before["1.running_mean"] + 0.1 * model[1].running_mean)
     assert not torch.equal(after["0.weight"], model[0].weight)  # it lags the weights
+
+
+def test_resuming_under_another_recipe_is_refused() -> None:
+    saved = {k: v for k, v in asdict(TrainConfig(model="joint")).items() if k != "mask_loss"}  # an older checkpoint
+    saved["blocks"] = list(saved["blocks"])  # as JSON stores it
+    check_same_recipe(saved, TrainConfig(model="joint", epochs=60, device="cuda"))  # longer schedule, other device
+    with pytest.raises(SystemExit, match="mask_loss: 'batch_dice' -> 'slice_dice'"):
+        check_same_recipe(saved, TrainConfig(model="joint", mask_loss="slice_dice"))
+    with pytest.raises(SystemExit, match=r"lr: 0\.001 -> 0\.002"):
+        check_same_recipe(saved, TrainConfig(model="joint", lr=2e-3))
+
+
+def test_the_mask_loss_option_reaches_the_training_step() -> None:
+    torch.manual_seed(0)
+    images, masks, labels = torch.randn(4, 3, 32, 32), torch.zeros(4, 1, 32, 32), torch.tensor([1.0, 1.0, 0.0, 0.0])
+    masks[0, 0, 4:20, 4:20], masks[1, 0, 8:10, 8:10] = 1, 1  # a large and a small tumor
+    losses = {}
+    for mask_loss in MASK_LOSSES:
+        config = TrainConfig(model="joint", width=8, blocks=(1, 1, 1, 1), mask_loss=mask_loss)
+        torch.manual_seed(1)
+        net = trainable(config, build_network(config)).eval()
+        losses[mask_loss] = training_loss(config, net, images, masks, labels, pos=1.0).item()
+    assert losses["batch_dice"] != pytest.approx(losses["slice_dice"])
+    with pytest.raises(ValueError, match="mask_loss must be one of"):
+        TrainConfig(model="joint", mask_loss="focal")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.losses import dice_bce_loss, soft_dice_loss, weighted_bce_loss
+from training.losses import dice_bce_loss, per_slice_dice_loss, soft_dice_loss, weighted_bce_loss
 from training.metrics import detection_metrics, dice_score, per_volume_dice, roc_auc, threshold_for_sensitivity
 
 
@@ -117,6 +117,25 @@ def test_soft_dice_loss_over_the_batch_with_empty_slices() -> None:
     # A correct empty prediction on an empty slice costs nothing (smooth term), not a Dice of 0.
     empty = torch.zeros(2, 1, 4, 4)
     assert soft_dice_loss(torch.full_like(empty, -30.0), empty).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_per_slice_dice_loss_weighs_a_missed_small_tumor_like_a_large_one() -> None:
+    # Slice 0: a 100-pixel tumor found exactly; slice 1: a 4-pixel tumor missed; slice 2: tumor-free.
+    target = torch.zeros(3, 1, 16, 16)
+    target[0, 0, :10, :10] = 1
+    target[1, 0, 12:14, 12:14] = 1
+    logits = torch.full_like(target, -30.0)
+    logits[0] = torch.where(target[0] > 0, 30.0, -30.0)
+    per_slice = per_slice_dice_loss(logits, target).item()
+    # Slice 0 scores ~1, slice 1 (0 + 1) / (0 + 4 + 1); slice 2 is left to BCE, not counted as a perfect Dice.
+    assert per_slice == pytest.approx(1 - (1 + 1 / 5) / 2, abs=1e-4)
+    # The batch Dice barely notices the missed small tumor: 1 - (200 + 1) / (100 + 104 + 1).
+    assert soft_dice_loss(logits, target).item() == pytest.approx(1 - 201 / 205, abs=1e-4)
+    # No tumor in the batch: no Dice term, and backward still works.
+    empty_logits = torch.zeros(2, 1, 4, 4, requires_grad=True)
+    loss = per_slice_dice_loss(empty_logits, torch.zeros(2, 1, 4, 4))
+    loss.backward()
+    assert loss.item() == 0 and empty_logits.grad is not None
 
 
 def test_weighted_bce_loss_by_hand() -> None:

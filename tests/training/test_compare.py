@@ -1,0 +1,67 @@
+"""Recipes compared as paired per-patient differences; shipped models measured through the service's pipeline."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.compare import comparison_table, paired_difference, shipped_models_dice
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def cv_report(dice: dict[str, float], mask_loss: str) -> dict:
+    """The parts of a cv report.json that compare reads."""
+    variant = {
+        "volume_dice_mean": sum(dice.values()) / len(dice),
+        "volume_dice_mean_95ci": (0.0, 1.0),
+        "roc_auc": 0.9,
+        "roc_auc_95ci": (0.8, 1.0),
+        "detection_final_flag": {"sensitivity": 0.9, "specificity": 0.95},
+    }
+    return {
+        "folds": 5,
+        "folds_complete": [0, 1, 2, 3, 4],
+        "recipe": {"size": 128, "mask_loss": mask_loss},
+        "primary": "pipeline",
+        "variants": {"pipeline": variant},
+        "per_patient": [{"patient": p, "volume_dice": d} for p, d in dice.items()],
+    }
+
+
+def test_paired_difference_by_hand() -> None:
+    reference = {"A": 0.5, "B": 0.8, "C": 0.9, "only-in-reference": 0.0}
+    other = {"A": 0.7, "B": 0.8, "C": 0.8, "only-in-other": 1.0}
+    d = paired_difference(reference, other)
+    assert d["patients"] == 3  # only the patients both predicted
+    assert d["mean_difference"] == pytest.approx((0.2 + 0.0 - 0.1) / 3)
+    assert (d["better"], d["worse"]) == (1, 1)
+    low, high = d["mean_difference_95ci"]
+    assert -0.1 <= low <= d["mean_difference"] <= high <= 0.2  # resampled means stay within the differences
+
+
+def test_a_consistent_gain_has_an_interval_above_zero_that_overlapping_intervals_would_hide() -> None:
+    # Patients vary widely (0.3..0.9), the change adds 0.02 to every one: unpaired intervals overlap almost
+    # entirely, the paired one excludes 0.
+    reference = {f"P{i}": 0.3 + 0.6 * i / 19 for i in range(20)}
+    improved = {p: d + 0.02 for p, d in reference.items()}
+    low, high = paired_difference(reference, improved)["mean_difference_95ci"]
+    assert low == pytest.approx(0.02) and high == pytest.approx(0.02)
+    table = comparison_table(
+        ["batch", "slice"], [cv_report(reference, "batch_dice"), cv_report(improved, "slice_dice")], None
+    )
+    assert "| reference |" in table and "+0.020 [+0.020, +0.020] (20 patients) | 20 / 0 |" in table
+    assert "mask_loss slice_dice" in table
+
+
+@pytest.mark.real_data
+def test_shipped_models_through_the_service_pipeline_match_their_recorded_evaluation(real_data_dir: Path) -> None:
+    """The bundled models' evaluation (PyTorch, at export time) recorded per-patient Dice on their test split;
+    the service's pipeline (decode, preprocessing, ONNX Runtime, card thresholds) must reproduce it."""
+    recorded = json.loads((REPO_ROOT / "docs/evaluation/report.json").read_text())
+    recorded = recorded["metrics"]["test"]["segmentation_pipeline"]["volume_dice_by_patient"]
+    patients = sorted(recorded)[:3]
+    measured = shipped_models_dice(REPO_ROOT / "models", real_data_dir, patients)
+    assert sorted(measured) == patients
+    for patient in patients:
+        assert measured[patient] == pytest.approx(recorded[patient], abs=2e-3), patient
