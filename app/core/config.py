@@ -4,7 +4,8 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+import onnxruntime as ort
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.admission import default_capacity
@@ -134,3 +135,18 @@ class Settings(BaseSettings):
             sizes.add(size)
             size *= 2
         return sorted(sizes)
+
+    @field_validator("providers")
+    @classmethod
+    def known_providers(cls, value: str) -> str:
+        """A misspelt name ('cpu') makes ONNX Runtime print an error block and fall back silently: refuse it."""
+        if value.strip().lower() == "auto":
+            return value
+        listed = [p.strip() for p in value.split(",") if p.strip()]
+        unknown = [p for p in listed if p not in ort.get_all_providers()]
+        if unknown or not listed:
+            raise ValueError(
+                f"unknown ONNX Runtime execution provider(s) {unknown}: use 'auto' or names such as "
+                "TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider"
+            )
+        return value

@@ -8,6 +8,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from app.core import onnx_sessions
 from app.core.config import Settings
@@ -165,6 +166,12 @@ def test_settings_come_from_lgg_environment_variables(monkeypatch: pytest.Monkey
 def test_listed_providers_are_asked_for_as_listed(fresh_provider_choice: None) -> None:
     choice = choose_providers("CUDAExecutionProvider, CPUExecutionProvider")
     assert choice.providers == (CUDA, CPU) and "LGG_PROVIDERS" in choice.reason
+
+
+@pytest.mark.parametrize("providers", ["cpu", "CUDAExecutionProvider,CPUExecutonProvider", " , "])
+def test_a_misspelt_provider_is_refused_at_start_not_silently_replaced(providers: str) -> None:
+    with pytest.raises(ValidationError, match="unknown ONNX Runtime execution provider"):
+        Settings(providers=providers)
 
 
 def test_auto_without_a_cuda_device_asks_for_the_cpu_only(
