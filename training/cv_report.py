@@ -76,6 +76,9 @@ def evaluate_variant(
     segmentation = segmentation_metrics(predicted, truths, patients)
     by_patient = segmentation["volume_dice_by_patient"]
     names = sorted(by_patient)
+    # A patient whose tumor gets no overlapping mask pixel at all is the miss a radiologist would notice first.
+    with_tumor = [p for p in names if truths[patients == p].any()]
+    found = [bool((predicted[patients == p] & truths[patients == p]).any()) for p in with_tumor]
     flagged = np.concatenate(
         [p >= thresholds[k]["classifier"] for k, p in zip(sorted(folds), probabilities, strict=True)]
     )
@@ -95,6 +98,7 @@ def evaluate_variant(
         "tumor_slice_dice_mean": segmentation["tumor_slice_dice_mean"],
         "roc_auc": roc_auc(probability, labels),
         "roc_auc_95ci": bootstrap_interval(names, auc_of, samples=500),
+        "patients_tumor_found": [sum(found), len(found)],
         "detection_final_flag": decision_metrics(predicted.reshape(len(idx), -1).any(axis=1), labels),
         "detection_classifier_alone": decision_metrics(flagged, labels),
         "specificity_at_sensitivity_0.95": specificity_at(probability, labels, 0.95),
@@ -159,8 +163,8 @@ def cross_validation_report(
 def markdown_table(report: dict) -> str:
     lines = [
         "| variant | volume Dice mean [95% CI] | median [95% CI] | tumor-slice Dice | ROC AUC [95% CI] "
-        "| sensitivity / specificity (final flag) | specificity at sensitivity 0.95 |",
-        "|---|---|---|---|---|---|---|",
+        "| sensitivity / specificity (final flag) | specificity at sensitivity 0.95 | patients with tumor found |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["variants"].items():
         flag = m["detection_final_flag"]
@@ -170,7 +174,7 @@ def markdown_table(report: dict) -> str:
             f"[{m['volume_dice_median_95ci'][0]:.3f}, {m['volume_dice_median_95ci'][1]:.3f}] "
             f"| {m['tumor_slice_dice_mean']:.3f} | {m['roc_auc']:.4f} [{m['roc_auc_95ci'][0]:.4f}, "
             f"{m['roc_auc_95ci'][1]:.4f}] | {flag['sensitivity']:.3f} / {flag['specificity']:.3f} "
-            f"| {m['specificity_at_sensitivity_0.95']:.3f} |"
+            f"| {m['specificity_at_sensitivity_0.95']:.3f} | {'/'.join(map(str, m['patients_tumor_found']))} |"
         )
     return "\n".join(lines) + "\n"
 

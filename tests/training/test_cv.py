@@ -82,6 +82,11 @@ def test_thresholds_do_not_depend_on_held_out_outputs() -> None:
     chosen = [{k: v for k, v in run["thresholds_by_fold"][0].items() if k != "sweeps"} for run in runs]
     assert chosen[0] == chosen[1]
     assert runs[0]["volume_dice_mean"] != runs[1]["volume_dice_mean"]  # the held-out change was seen downstream
+    for run in runs:  # a tumor patient is found exactly when its Dice is above 0 (some overlap)
+        tumor_patients = [p for p in held_out if cache.labels[cache.patients == p].any()]
+        dice = run["volume_dice_by_patient"]
+        assert run["patients_tumor_found"] == [sum(dice[p] > 0 for p in tumor_patients), len(tumor_patients)]
+    assert runs[0]["patients_tumor_found"] != runs[1]["patients_tumor_found"]  # lowered outputs lose a patient
 
 
 def test_a_planted_leak_is_caught() -> None:
