@@ -69,7 +69,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_error_handlers(app)
     # Middleware, innermost first: admission, closing connections while draining, body caps, API key, CORS,
     # security headers, metrics (outermost: counts the 401s, 413s and 503s too).
-    app.add_middleware(AdmissionMiddleware, admission=app.state.admission)
+    app.add_middleware(
+        AdmissionMiddleware,
+        admission=app.state.admission,
+        timeout_s=settings.request_timeout_s,
+        on_timeout=metrics.timed_out.inc,
+    )
     app.add_middleware(CloseWhenDrainingMiddleware)
     app.add_middleware(
         BodyLimitMiddleware,

@@ -6,6 +6,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from app.core.config import Settings
+from app.core.deadline import Deadline
 from app.core.service import InferenceService
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The service's API key.")
@@ -20,8 +21,14 @@ def get_service(request: Request) -> InferenceService:
     return request.app.state.service
 
 
+def get_deadline(request: Request) -> Deadline:
+    """The request's time budget, set by AdmissionMiddleware on every prediction request."""
+    return request.state.deadline
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[InferenceService, Depends(get_service)]
+DeadlineDep = Annotated[Deadline, Depends(get_deadline)]
 
 
 def declare_api_key(

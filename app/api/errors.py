@@ -6,10 +6,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from app.api.overload import overloaded_response
+from app.api.overload import overloaded_response, timed_out_response
 from app.core.admission import Overloaded
 from app.core.batching import ShuttingDown
 from app.core.codecs import ImageRejected
+from app.core.deadline import DeadlineExceeded
 from app.core.service import NotReady
 from app.core.triton import TritonUnavailable
 
@@ -46,6 +47,10 @@ async def overloaded(request: Request, error: Overloaded) -> JSONResponse:
     return overloaded_response(error)
 
 
+async def timed_out(request: Request, error: DeadlineExceeded) -> JSONResponse:
+    return timed_out_response(error)
+
+
 async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
     # Only genuine bugs end here: bad input has its own 4xx above. Tests fail on any of these.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -59,4 +64,5 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ShuttingDown, not_ready)
     app.add_exception_handler(TritonUnavailable, not_ready)
     app.add_exception_handler(Overloaded, overloaded)
+    app.add_exception_handler(DeadlineExceeded, timed_out)
     app.add_exception_handler(Exception, unexpected_error)

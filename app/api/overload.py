@@ -1,10 +1,20 @@
-"""Admission before any work: a prediction request over the bound on slices in flight gets a 503 at once,
-before its body is read, so shedding load costs almost nothing."""
+"""Admission before any work, and the time budget while it runs.
+
+A prediction request over the bound on slices in flight gets a 503 at once, before its body is read, so shedding
+load costs almost nothing. An admitted request gets a Deadline (LGG_REQUEST_TIMEOUT_S, counted from its headers)
+that its work checks between steps; at the deadline the client gets a 504 whatever the work is doing, and the
+request's unit of admission stays taken until the work has really stopped (its thread returned), so timed-out
+work never piles up beyond the bound.
+"""
+
+import asyncio
+from collections.abc import Callable
 
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.admission import Admission, Overloaded
+from app.core.deadline import Deadline, DeadlineExceeded
 
 RETRY_AFTER_SECONDS = "1"  # one slice takes tens of milliseconds: a slot frees up well within a second
 
@@ -13,12 +23,28 @@ def overloaded_response(error: Overloaded) -> JSONResponse:
     return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
-class AdmissionMiddleware:
-    """Holds one unit of admission for each prediction request (POST under `prefix`) while it runs."""
+def timed_out_response(error: DeadlineExceeded) -> JSONResponse:
+    # 504, not 503: the request itself took too long; sent again unchanged it would likely take as long.
+    detail = f"{error} (LGG_REQUEST_TIMEOUT_S); send fewer or smaller slices per request, or retry later"
+    return JSONResponse({"detail": detail}, status_code=504)
 
-    def __init__(self, app: ASGIApp, admission: Admission, prefix: str = "/v1/") -> None:
+
+class AdmissionMiddleware:
+    """Holds one unit of admission for each prediction request (POST under `prefix`) until its work has ended;
+    answers 504 when the request's time budget runs out first."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        admission: Admission,
+        timeout_s: float,
+        on_timeout: Callable[[], None],
+        prefix: str = "/v1/",
+    ) -> None:
         self.app = app
         self.admission = admission
+        self.timeout_s = timeout_s
+        self.on_timeout = on_timeout  # once per request whose budget ran out (a metrics counter)
         self.prefix = prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -31,6 +57,26 @@ class AdmissionMiddleware:
             await overloaded_response(error)(scope, receive, send)
             return
         try:
-            await self.app(scope, receive, send)
+            deadline = Deadline(self.timeout_s, self.on_timeout)
+            scope.setdefault("state", {})["deadline"] = deadline  # request.state.deadline for the routes
+            await self.run_within(deadline, scope, receive, send)
         finally:
             self.admission.release(1)
+
+    async def run_within(self, deadline: Deadline, scope: Scope, receive: Receive, send: Send) -> None:
+        """Runs the app; at the deadline answers 504 if it has not started answering, then waits for it to end."""
+        started = answered = False
+
+        async def send_once(message: Message) -> None:
+            nonlocal started
+            if answered:  # the 504 went out: what the work answers after it is dropped
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        work = asyncio.ensure_future(self.app(scope, receive, send_once))
+        await asyncio.wait([work], timeout=deadline.remaining())
+        if not work.done() and not started:
+            answered = True
+            await timed_out_response(deadline.exceeded())(scope, receive, send)
+        await work  # the work stops at its next deadline check: only then is the unit released

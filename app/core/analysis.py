@@ -10,6 +10,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
+from app.core.deadline import Deadline
 from app.core.dicom_seg import build_segmentation
 from app.core.pipeline import SlicePrediction
 from app.core.postprocessing import keep_largest_component
@@ -46,18 +47,26 @@ def stack_masks(series: Series, predictions: list[SlicePrediction]) -> np.ndarra
     return masks
 
 
-async def analyse_series(service: InferenceService, series: Series, largest_component: bool) -> SeriesAnalysis:
-    predictions = await service.predict([s.pixels for s in series.slices])
+async def analyse_series(
+    service: InferenceService, series: Series, largest_component: bool, deadline: Deadline
+) -> SeriesAnalysis:
+    predictions = await service.predict([s.pixels for s in series.slices], deadline)
     masks = stack_masks(series, predictions)
     if largest_component:
+        deadline.check("3-D postprocessing")
         masks = await run_in_threadpool(keep_largest_component, masks)
     return SeriesAnalysis(series, predictions, masks)
 
 
 async def segment_dicom(
-    service: InferenceService, uploads: list[Upload], limits: SeriesLimits, largest_component: bool = False
+    service: InferenceService,
+    uploads: list[Upload],
+    limits: SeriesLimits,
+    deadline: Deadline,
+    largest_component: bool = False,
 ) -> tuple[SeriesAnalysis, bytes]:
     """DICOM files of one series -> the analysis and its DICOM SEG (the DICOM node's and DICOMweb's path)."""
-    series = await run_in_threadpool(read_series, uploads, limits)
-    analysis = await analyse_series(service, series, largest_component)
+    series = await run_in_threadpool(read_series, uploads, limits, deadline)
+    analysis = await analyse_series(service, series, largest_component, deadline)
+    deadline.check("encoding")
     return analysis, await run_in_threadpool(build_segmentation, series, analysis.masks, service.card)

@@ -16,13 +16,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from app.core.deadline import UNLIMITED, Deadline
 from app.core.pipeline import ModelOutput, Pipeline, PreparedSlice, SlicePrediction
 
 
@@ -31,7 +32,7 @@ class ShuttingDown(RuntimeError):
 
 
 class InferenceRunner(Protocol):
-    async def predict(self, slices: list[np.ndarray]) -> list[SlicePrediction]: ...
+    async def predict(self, slices: list[np.ndarray], deadline: Deadline = UNLIMITED) -> list[SlicePrediction]: ...
 
     async def stop(self) -> None: ...
 
@@ -42,8 +43,8 @@ class DirectRunner:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
 
-    async def predict(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
-        return await run_in_threadpool(self.pipeline.predict_batch, slices)
+    async def predict(self, slices: list[np.ndarray], deadline: Deadline = UNLIMITED) -> list[SlicePrediction]:
+        return await run_in_threadpool(self.pipeline.predict_batch, slices, deadline)
 
     async def stop(self) -> None:
         pass
@@ -52,6 +53,7 @@ class DirectRunner:
 @dataclass
 class _Pending:
     prepared: PreparedSlice
+    deadline: Deadline
     future: Future[ModelOutput] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -76,19 +78,20 @@ class DynamicBatcher:
         self.worker = threading.Thread(target=self._work, name="dynamic-batcher", daemon=True)
         self.worker.start()
 
-    async def predict(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
-        return await run_in_threadpool(self._predict, slices)
+    async def predict(self, slices: list[np.ndarray], deadline: Deadline = UNLIMITED) -> list[SlicePrediction]:
+        return await run_in_threadpool(self._predict, slices, deadline)
 
-    def _predict(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
-        prepared = [self.pipeline.prepare(s) for s in slices]
-        pending = [_Pending(p) for p in prepared]
+    def _predict(self, slices: list[np.ndarray], deadline: Deadline) -> list[SlicePrediction]:
+        prepared = self.pipeline.prepare_all(slices, deadline)
+        pending = [_Pending(p, deadline) for p in prepared]
         with self.changed:
             if self.stopping:  # nobody would take these slices any more
                 raise ShuttingDown("the service is shutting down")
             self.pending.extend(pending)
             self.changed.notify()
+        wait([p.future for p in pending])  # each slice computed or dropped: only then has this request's work ended
         outputs = [p.future.result() for p in pending]
-        return [self.pipeline.finish(p, o) for p, o in zip(prepared, outputs, strict=True)]
+        return self.pipeline.finish_all(prepared, outputs, deadline)
 
     async def stop(self) -> None:
         """Fail what waits (the batch in the networks too) with ShuttingDown; the thread ends after that batch."""
@@ -102,8 +105,10 @@ class DynamicBatcher:
     def _next_batch(self) -> list[_Pending]:
         """Up to max_batch_size slices, once the batch is full or the oldest has waited max_wait; [] when stopping."""
         with self.changed:
+            self._drop_expired()
             while not self.pending and not self.stopping:
                 self.changed.wait()
+                self._drop_expired()
             if self.pending:
                 deadline = self.pending[0].enqueued + self.max_wait_s
                 while (
@@ -116,6 +121,13 @@ class DynamicBatcher:
                 return []
             self.in_flight = [self.pending.popleft() for _ in range(min(self.max_batch_size, len(self.pending)))]
             return self.in_flight
+
+    def _drop_expired(self) -> None:
+        """Slices whose request ran out of time are not computed: their requests end with DeadlineExceeded."""
+        expired = [p for p in self.pending if p.deadline.remaining() <= 0]
+        for pending in expired:
+            self.pending.remove(pending)
+            pending.future.set_exception(pending.deadline.exceeded())
 
     def _work(self) -> None:
         while batch := self._next_batch():

@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         description="Slices admitted at once (decoding, queued or computing); beyond it a fast 503 with Retry-After. "
         "Default: 2 per core this process may use.",
     )
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Time budget of one prediction request, from its headers to its answer (upload, decoding, "
+        "models, encoding); beyond it a 504 and the work stops at its next step. Also bounds a DICOM node series.",
+    )
     shutdown_drain_s: float = Field(
         3.0,
         ge=0,

@@ -26,6 +26,7 @@ from app.core.admission import Overloaded
 from app.core.analysis import segment_dicom, series_limits
 from app.core.codecs import ImageRejected
 from app.core.config import Settings
+from app.core.deadline import Deadline
 from app.core.dicom_spool import DicomSpool
 from app.core.series import Upload
 from app.core.service import InferenceService, NotReady
@@ -178,7 +179,9 @@ class DicomNode:
             # service.predict takes the rest, one per further slice.
             self.service.admission.acquire(1)
             try:
-                analysis, seg = await segment_dicom(self.service, uploads, series_limits(self.settings))
+                # The HTTP requests' time budget bounds a series too (it fails, retryable, when it runs out).
+                deadline = Deadline(self.settings.request_timeout_s, self.service.metrics.timed_out.inc)
+                analysis, seg = await segment_dicom(self.service, uploads, series_limits(self.settings), deadline)
             finally:
                 self.service.admission.release(1)
             segmented = time.perf_counter()

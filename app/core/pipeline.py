@@ -7,6 +7,7 @@ batcher can keep its one inference thread on the networks alone, while per-slice
   run_models()  many slices -> classifier on all, segmenter on the flagged ones, in batches
   finish()      one slice  -> boolean mask at the input's own size (app.core.postprocessing's rule:
                 tumor_detected exactly when that mask is non-empty)
+Each step takes the request's Deadline (app.core.deadline) and checks it between slices and between batches.
 Decoding and encoding live in app.core.codecs.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from app.core.deadline import UNLIMITED, Deadline
 from app.core.onnx_sessions import LoadedModels
 from app.core.postprocessing import slice_mask
 from app.core.preprocessing import preprocess_slice
@@ -73,13 +75,16 @@ class Pipeline:
         postprocessing = models.card.card.postprocessing
         self.min_component_pixels = (postprocessing and postprocessing.min_component_pixels) or 0
 
-    def predict_batch(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
+    def predict_batch(self, slices: list[np.ndarray], deadline: Deadline = UNLIMITED) -> list[SlicePrediction]:
         """8-bit slices (HxW FLAIR or HxWx3 in dataset channel order, any size) -> one prediction each, in order.
 
         Runs the networks in batches of at most max_batch_size slices.
         """
-        prepared = [self.prepare(s) for s in slices]
-        return [self.finish(p, o) for p, o in zip(prepared, self.run_models(prepared), strict=True)]
+        prepared = self.prepare_all(slices, deadline)
+        return self.finish_all(prepared, self.run_models(prepared, deadline), deadline)
+
+    def prepare_all(self, slices: list[np.ndarray], deadline: Deadline) -> list[PreparedSlice]:
+        return [self.prepare(s) for s in deadline.each(slices, "preprocessing")]
 
     def prepare(self, slice_: np.ndarray) -> PreparedSlice:
         started = time.perf_counter()
@@ -87,9 +92,9 @@ class Pipeline:
         height, width = slice_.shape[:2]
         return PreparedSlice(image, height, width, time.perf_counter() - started)
 
-    def run_models(self, prepared: list[PreparedSlice]) -> list[ModelOutput]:
+    def run_models(self, prepared: list[PreparedSlice], deadline: Deadline = UNLIMITED) -> list[ModelOutput]:
         outputs: list[ModelOutput] = []
-        for start in range(0, len(prepared), self.max_batch_size):
+        for start in deadline.each(range(0, len(prepared), self.max_batch_size), "inference"):
             outputs += self._run_batch(np.stack([p.image for p in prepared[start : start + self.max_batch_size]]))
         return outputs
 
@@ -109,6 +114,11 @@ class Pipeline:
         if self.on_batch is not None:
             self.on_batch(timings)
         return [ModelOutput(float(p), m, timings) for p, m in zip(tumor_probabilities, maps, strict=True)]
+
+    def finish_all(
+        self, prepared: list[PreparedSlice], outputs: list[ModelOutput], deadline: Deadline
+    ) -> list[SlicePrediction]:
+        return [self.finish(p, o) for p, o in deadline.each(zip(prepared, outputs, strict=True), "postprocessing")]
 
     def finish(self, prepared: PreparedSlice, output: ModelOutput) -> SlicePrediction:
         started = time.perf_counter()

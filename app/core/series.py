@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 
 from app.core.codecs import image_pixels, open_image
 from app.core.config import Settings
+from app.core.deadline import UNLIMITED, Deadline
 from app.core.dicom import DicomFrame, OpenedDicom, decode_dicom, frame_geometry, is_dicom, open_dicom
 from app.core.dicom_attributes import first_number, text, value_of
 from app.core.limits import ImageLimits, ImageRejected, PixelBudget
@@ -145,21 +146,24 @@ def expand_uploads(uploads: list[Upload], limits: SeriesLimits) -> list[Upload]:
     return files
 
 
-def read_series(uploads: list[Upload], limits: SeriesLimits) -> Series:
-    """Uploads -> one ordered stack of 8-bit slices; raises ImageRejected naming the file at fault."""
+def read_series(uploads: list[Upload], limits: SeriesLimits, deadline: Deadline = UNLIMITED) -> Series:
+    """Uploads -> one ordered stack of 8-bit slices; raises ImageRejected naming the file at fault.
+
+    Decodes file by file, checking the request's deadline before each."""
     files = expand_uploads(uploads, limits)
     dicom = [is_dicom(f.data, f.content_type) for f in files]
     if any(dicom) and not all(dicom):
         raise ImageRejected(400, "a series is either all DICOM or all plain images; this request mixes both")
     budget = PixelBudget(limits.image.max_request_pixels)
-    series = read_dicom_series(files, limits, budget) if all(dicom) else read_image_series(files, limits, budget)
+    read = read_dicom_series if all(dicom) else read_image_series
+    series = read(files, limits, budget, deadline)
     shapes = {s.pixels.shape for s in series.slices}
     if len(shapes) > 1:
         raise ImageRejected(400, f"the slices differ in size ({sorted(shapes)}); a series is one stack")
     return series
 
 
-def read_image_series(files: list[Upload], limits: SeriesLimits, budget: PixelBudget) -> Series:
+def read_image_series(files: list[Upload], limits: SeriesLimits, budget: PixelBudget, deadline: Deadline) -> Series:
     """Every header first (sizes charged to the request's budget), then the pixels: too much is refused undecoded."""
     numbered: dict[int, tuple[Upload, Image.Image]] = {}
     try:
@@ -175,7 +179,7 @@ def read_image_series(files: list[Upload], limits: SeriesLimits, budget: PixelBu
             numbered[number] = (upload, image)
         ordered = [
             SeriesSlice(named(upload, image_pixels, image), upload.filename)
-            for upload, image in (numbered.pop(n) for n in sorted(numbered))
+            for upload, image in deadline.each((numbered.pop(n) for n in sorted(numbered)), "decoding")
         ]
     finally:
         for _, image in numbered.values():  # those not decoded when one was refused
@@ -191,7 +195,7 @@ def named(upload: Upload, function: Callable[..., T], *args: object) -> T:
         raise ImageRejected(error.status_code, f"{upload.filename}: {error.detail}") from error
 
 
-def read_dicom_series(files: list[Upload], limits: SeriesLimits, budget: PixelBudget) -> Series:
+def read_dicom_series(files: list[Upload], limits: SeriesLimits, budget: PixelBudget, deadline: Deadline) -> Series:
     """Check every file's header and the series' integrity first, then decode, then order along the slice normal."""
     opened: list[OpenedDicom] = []
     frame_count = 0
@@ -206,7 +210,7 @@ def read_dicom_series(files: list[Upload], limits: SeriesLimits, budget: PixelBu
     check_one_geometry(opened)
     sources: list[Dataset] = []
     frames: list[tuple[int, DicomFrame]] = []  # (source index, frame)
-    for upload, item in zip(files, opened, strict=True):
+    for upload, item in deadline.each(zip(files, opened, strict=True), "decoding"):
         image = named(upload, decode_dicom, item, limits.image)
         frames += [(len(sources), frame) for frame in image.frames]
         sources.append(image.dataset)

@@ -11,6 +11,7 @@ import numpy as np
 from app.core.admission import Admission
 from app.core.batching import DirectRunner, DynamicBatcher, InferenceRunner
 from app.core.config import Settings
+from app.core.deadline import Deadline
 from app.core.onnx_sessions import LoadedModels, ModelCard, load_models
 from app.core.pipeline import Pipeline, SlicePrediction
 from app.core.telemetry import ServiceMetrics
@@ -87,14 +88,15 @@ class InferenceService:
             return f"saturated: {self.admission.in_flight} slices in flight, the bound is {self.admission.capacity}"
         return None
 
-    async def predict(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
-        """Runs the slices of one admitted request (it holds one unit of admission: one more per further slice)."""
+    async def predict(self, slices: list[np.ndarray], deadline: Deadline) -> list[SlicePrediction]:
+        """Runs the slices of one admitted request (it holds one unit of admission: one more per further slice,
+        released once its work has ended: the runner returns only then, even when the deadline stopped it)."""
         if self.runner is None:
             raise NotReady(self.failure or "the models are still loading and warming up; retry shortly")
         extra = max(0, len(slices) - 1)
         self.admission.acquire(extra, held=1)
         try:
-            predictions = await self.runner.predict(slices)
+            predictions = await self.runner.predict(slices, deadline)
         finally:
             self.admission.release(extra)
         self.metrics.observe_slices(predictions)

@@ -61,6 +61,10 @@ class ServiceMetrics:
             "lgg_rejected_requests_total", "Requests refused with 503: the bound on slices in flight was reached.",
             registry=r,
         )  # fmt: skip
+        self.timed_out = Counter(
+            "lgg_timed_out_requests_total", "Requests answered 504 and DICOM node series failed: their time budget "
+            "(LGG_REQUEST_TIMEOUT_S) ran out.", registry=r,
+        )  # fmt: skip
         self.ready = Gauge("lgg_ready", "1 when the models are loaded and warmed up.", registry=r)
         self.model_info = Info("lgg_model", "The served model card version, file hashes and providers.", registry=r)
 

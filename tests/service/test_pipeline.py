@@ -9,6 +9,7 @@ import pytest
 
 from app.core.batching import DirectRunner, DynamicBatcher, ShuttingDown
 from app.core.config import Settings
+from app.core.deadline import UNLIMITED, Deadline
 from app.core.onnx_sessions import LoadedModels, load_models, read_model_card
 from app.core.pipeline import BatchTimings, ModelOutput, Pipeline, PreparedSlice, SlicePrediction
 from app.core.preprocessing import mask_to_input_size
@@ -67,7 +68,7 @@ def test_segmenter_runs_only_on_slices_the_classifier_flags(models: LoadedModels
             seen.append(len(images))
             return run(images)
 
-    counting = LoadedModels(models.card, models.classifier, CountingSegmenter())  # type: ignore[arg-type]
+    counting = LoadedModels(models.card, models.classifier, CountingSegmenter())
     pipeline = Pipeline(counting)
     pipeline.classifier_threshold = 1.01  # nothing is a tumor
     predictions = pipeline.predict_batch(slices)
@@ -91,10 +92,10 @@ def test_large_inputs_run_in_chunks_of_max_batch_size(models: LoadedModels) -> N
     assert all(b.classifier_s > 0 for b in batches)
 
 
-class FakePipeline:
+class FakePipeline(Pipeline):
     """Records the batches the networks would get; a slice's probability is its own first pixel."""
 
-    def __init__(self, seconds: float = 0.02, fail_on: int | None = None) -> None:
+    def __init__(self, seconds: float = 0.02, fail_on: int | None = None) -> None:  # no models: super() not called
         self.batches: list[int] = []
         self.seconds = seconds
         self.fail_on = fail_on
@@ -102,7 +103,7 @@ class FakePipeline:
     def prepare(self, slice_: np.ndarray) -> PreparedSlice:
         return PreparedSlice(slice_, *slice_.shape[:2], preprocess_s=0.0)
 
-    def run_models(self, prepared: list[PreparedSlice]) -> list[ModelOutput]:
+    def run_models(self, prepared: list[PreparedSlice], deadline: Deadline = UNLIMITED) -> list[ModelOutput]:
         self.batches.append(len(prepared))
         time.sleep(self.seconds)
         if any(int(p.image.flat[0]) == self.fail_on for p in prepared):
@@ -113,10 +114,6 @@ class FakePipeline:
     def finish(self, prepared: PreparedSlice, output: ModelOutput) -> SlicePrediction:
         return SlicePrediction(output.tumor_probability, False, None, output.batch, 0.0, 0.0)
 
-    def predict_batch(self, slices: list[np.ndarray]) -> list[SlicePrediction]:
-        prepared = [self.prepare(s) for s in slices]
-        return [self.finish(p, o) for p, o in zip(prepared, self.run_models(prepared), strict=True)]
-
 
 def one_pixel(value: int) -> np.ndarray:
     return np.full((1, 1), value, np.uint8)
@@ -125,7 +122,7 @@ def one_pixel(value: int) -> np.ndarray:
 def test_dynamic_batcher_gathers_concurrent_requests_in_order() -> None:
     async def scenario() -> tuple[list[list[float]], FakePipeline, list[float]]:
         fake, waits = FakePipeline(), []
-        batcher = DynamicBatcher(fake, max_batch_size=4, max_wait_ms=20, on_queue_wait=waits.append)  # type: ignore[arg-type]
+        batcher = DynamicBatcher(fake, max_batch_size=4, max_wait_ms=20, on_queue_wait=waits.append)
         requests = [batcher.predict([one_pixel(i)]) for i in range(9)]
         requests.append(batcher.predict([one_pixel(9), one_pixel(10)]))
         results = await asyncio.gather(*requests)
@@ -142,7 +139,7 @@ def test_dynamic_batcher_gathers_concurrent_requests_in_order() -> None:
 def test_dynamic_batcher_waits_max_wait_for_a_lone_request() -> None:
     async def scenario() -> tuple[float, list[int]]:
         fake = FakePipeline(seconds=0)
-        batcher = DynamicBatcher(fake, max_batch_size=64, max_wait_ms=30)  # type: ignore[arg-type]
+        batcher = DynamicBatcher(fake, max_batch_size=64, max_wait_ms=30)
         started = time.monotonic()
         await batcher.predict([one_pixel(1)])
         elapsed = time.monotonic() - started
@@ -156,7 +153,7 @@ def test_dynamic_batcher_waits_max_wait_for_a_lone_request() -> None:
 
 def test_a_failing_batch_fails_its_requests_and_the_worker_lives_on() -> None:
     async def scenario() -> tuple[list[object], list[SlicePrediction]]:
-        batcher = DynamicBatcher(FakePipeline(fail_on=7), max_batch_size=2, max_wait_ms=5)  # type: ignore[arg-type]
+        batcher = DynamicBatcher(FakePipeline(fail_on=7), max_batch_size=2, max_wait_ms=5)
         first = await asyncio.gather(batcher.predict([one_pixel(7)]), return_exceptions=True)
         after = await batcher.predict([one_pixel(3)])
         await batcher.stop()
@@ -170,7 +167,7 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_lives_on() -> None:
 def test_stopping_fails_waiting_requests_with_shutting_down() -> None:
     async def scenario() -> list[object]:
         fake = FakePipeline(seconds=0.2)
-        batcher = DynamicBatcher(fake, max_batch_size=1, max_wait_ms=0)  # type: ignore[arg-type]
+        batcher = DynamicBatcher(fake, max_batch_size=1, max_wait_ms=0)
         waiting = [asyncio.ensure_future(batcher.predict([one_pixel(i)])) for i in range(3)]
         while not fake.batches:  # the first slice is in the networks, the others queue or are being prepared
             await asyncio.sleep(0.01)
@@ -186,7 +183,7 @@ def test_stopping_fails_waiting_requests_with_shutting_down() -> None:
 def test_direct_runner_runs_each_request_alone() -> None:
     async def scenario() -> FakePipeline:
         fake = FakePipeline()
-        runner = DirectRunner(fake)  # type: ignore[arg-type]
+        runner = DirectRunner(fake)
         await asyncio.gather(*(runner.predict([one_pixel(i)]) for i in range(5)))
         return fake
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ServiceDep, SettingsDep
+from app.api.deps import DeadlineDep, ServiceDep, SettingsDep
 from app.api.routes.predict import ERRORS, ms
 from app.api.schemas import DicomwebResult
 from app.core.analysis import segment_dicom, series_limits
@@ -42,7 +42,9 @@ class DicomwebRequest(BaseModel):
     },
     summary="Segment a series held by a PACS (WADO-RS) and store the DICOM SEG back (STOW-RS)",
 )
-async def dicomweb_series(body: DicomwebRequest, service: ServiceDep, settings: SettingsDep) -> DicomwebResult:
+async def dicomweb_series(
+    body: DicomwebRequest, service: ServiceDep, settings: SettingsDep, deadline: DeadlineDep
+) -> DicomwebResult:
     started = time.perf_counter()
     allowed = [p.strip() for p in settings.dicomweb_allowed_urls.split(",") if p.strip()]
     if allowed and not any(body.dicomweb_url.startswith(prefix) for prefix in allowed):
@@ -53,11 +55,12 @@ async def dicomweb_series(body: DicomwebRequest, service: ServiceDep, settings: 
         body.study_instance_uid,
         body.series_instance_uid,
         settings.max_batch_bytes,
+        deadline,
     )
-    analysis, seg = await segment_dicom(service, uploads, series_limits(settings), body.largest_component)
+    analysis, seg = await segment_dicom(service, uploads, series_limits(settings), deadline, body.largest_component)
     del uploads
     if body.store:
-        await run_in_threadpool(store_seg, body.dicomweb_url, seg)
+        await run_in_threadpool(store_seg, body.dicomweb_url, seg, deadline)
     header = pydicom.dcmread(io.BytesIO(seg), stop_before_pixels=True)
     log.info("dicomweb: %d slices, %d tumor voxels, stored %s", len(analysis.masks), analysis.tumor_voxels, body.store)
     return DicomwebResult(

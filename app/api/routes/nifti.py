@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ServiceDep, SettingsDep
+from app.api.deps import DeadlineDep, ServiceDep, SettingsDep
 from app.api.routes.predict import ERRORS, model_versions, ms
 from app.api.routes.series import SeriesPrediction, to_series_prediction
 from app.api.schemas import MaskFormat
@@ -53,6 +53,7 @@ async def predict_nifti(
     files: FilesField,
     service: ServiceDep,
     settings: SettingsDep,
+    deadline: DeadlineDep,
     output: Annotated[NiftiOutput, Query(description="nifti (the mask file) or json.")] = NiftiOutput.nifti,
     largest_component: Annotated[
         bool, Query(description="Keep only the largest 3-D (26-)connected tumor region, as Buda et al. do.")
@@ -61,10 +62,12 @@ async def predict_nifti(
 ) -> SeriesPrediction | Response:
     started = time.perf_counter()
     uploads = [Upload(f.filename, await f.read(), f.content_type) for f in files]
+    deadline.check("decoding")
     volume = await run_in_threadpool(read_nifti, uploads, series_limits(settings))
     del uploads
-    analysis = await analyse_series(service, volume.series, largest_component)
+    analysis = await analyse_series(service, volume.series, largest_component, deadline)
     log.info("nifti: %d slices, %d tumor voxels", len(analysis.masks), analysis.tumor_voxels)
+    deadline.check("encoding")
     if output is NiftiOutput.nifti:
         volume_ml = analysis.tumor_volume_ml
         return Response(

@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, HTTPException, Query, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ServiceDep, SettingsDep
+from app.api.deps import DeadlineDep, ServiceDep, SettingsDep
 from app.api.schemas import BatchItem, BatchPrediction, ErrorBody, MaskFormat, ModelVersions, Prediction, Timings
 from app.core.codecs import (
     ImageRejected,
@@ -20,6 +20,7 @@ from app.core.codecs import (
     overlay_png,
 )
 from app.core.config import Settings
+from app.core.deadline import Deadline
 from app.core.limits import ImageLimits, PixelBudget
 from app.core.onnx_sessions import ModelCard
 from app.core.pipeline import SlicePrediction
@@ -35,6 +36,7 @@ ERRORS = {
         415: "Not DICOM, TIFF, PNG, JPEG or WebP (or a DICOM compression no installed decoder reads)",
         422: "Missing or invalid field",
         503: "Models still loading, or every DICOM decoder busy",
+        504: "The request took more than its time budget (LGG_REQUEST_TIMEOUT_S)",
     }.items()
 }
 PNG_RESPONSE = {200: {"content": {"image/png": {}}, "description": "A PNG the size of the input slice."}}
@@ -51,7 +53,9 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
-async def read_slice(upload: UploadFile, settings: Settings, budget: PixelBudget | None = None) -> np.ndarray:
+async def read_slice(
+    upload: UploadFile, settings: Settings, deadline: Deadline, budget: PixelBudget | None = None
+) -> np.ndarray:
     """The upload's bytes, capped, decoded off the event loop; raises ImageRejected with the status to answer.
 
     `budget`: the request's decoded-pixel budget when it has several files (one per call otherwise).
@@ -59,6 +63,7 @@ async def read_slice(upload: UploadFile, settings: Settings, budget: PixelBudget
     data = await upload.read()
     if len(data) > settings.max_upload_bytes:
         raise ImageRejected(413, f"file is {len(data)} bytes, more than the limit of {settings.max_upload_bytes}")
+    deadline.check("decoding")
     return await run_in_threadpool(decode_image, data, ImageLimits.from_settings(settings), upload.content_type, budget)
 
 
@@ -91,21 +96,27 @@ def to_prediction(
 
 
 async def predict_one(
-    upload: UploadFile, service: ServiceDep, settings: Settings
+    upload: UploadFile, service: ServiceDep, settings: Settings, deadline: Deadline
 ) -> tuple[np.ndarray, SlicePrediction]:
-    slice_ = await read_slice(upload, settings)
-    [prediction] = await service.predict([slice_])
+    slice_ = await read_slice(upload, settings, deadline)
+    [prediction] = await service.predict([slice_], deadline)
+    deadline.check("encoding")
     return slice_, prediction
 
 
 @router.post("", response_model=Prediction, responses=ERRORS, summary="Detect and segment a tumor in one slice")
 async def predict(
-    file: FileField, service: ServiceDep, settings: SettingsDep, mask_format: MaskFormatQuery = MaskFormat.rle
+    file: FileField,
+    service: ServiceDep,
+    settings: SettingsDep,
+    deadline: DeadlineDep,
+    mask_format: MaskFormatQuery = MaskFormat.rle,
 ) -> Prediction:
     started = time.perf_counter()
-    slice_ = await read_slice(file, settings)
+    slice_ = await read_slice(file, settings, deadline)
     decoded = time.perf_counter()
-    [prediction] = await service.predict([slice_])
+    [prediction] = await service.predict([slice_], deadline)
+    deadline.check("encoding")
     predicted = time.perf_counter()
     result = await run_in_threadpool(to_prediction, slice_, prediction, mask_format, model_versions(service.card))
     finished = time.perf_counter()
@@ -139,8 +150,10 @@ def image_response(content: bytes, prediction: SlicePrediction) -> Response:
     responses={**PNG_RESPONSE, **ERRORS},
     summary="The tumor mask as a 1-bit PNG (all background when no tumor)",
 )
-async def predict_mask_png(file: FileField, service: ServiceDep, settings: SettingsDep) -> Response:
-    slice_, prediction = await predict_one(file, service, settings)
+async def predict_mask_png(
+    file: FileField, service: ServiceDep, settings: SettingsDep, deadline: DeadlineDep
+) -> Response:
+    slice_, prediction = await predict_one(file, service, settings, deadline)
     mask = prediction.mask if prediction.mask is not None else np.zeros(slice_.shape[:2], bool)
     return image_response(await run_in_threadpool(mask_to_png, mask), prediction)
 
@@ -151,8 +164,10 @@ async def predict_mask_png(file: FileField, service: ServiceDep, settings: Setti
     responses={**PNG_RESPONSE, **ERRORS},
     summary="The slice's FLAIR channel with the tumor outlined in red",
 )
-async def predict_overlay_png(file: FileField, service: ServiceDep, settings: SettingsDep) -> Response:
-    slice_, prediction = await predict_one(file, service, settings)
+async def predict_overlay_png(
+    file: FileField, service: ServiceDep, settings: SettingsDep, deadline: DeadlineDep
+) -> Response:
+    slice_, prediction = await predict_one(file, service, settings, deadline)
     return image_response(await run_in_threadpool(overlay_png, slice_, prediction.mask), prediction)
 
 
@@ -161,6 +176,7 @@ async def predict_batch(
     files: Annotated[list[UploadFile], File(description="Slices, the field repeated once per file.")],
     service: ServiceDep,
     settings: SettingsDep,
+    deadline: DeadlineDep,
     mask_format: MaskFormatQuery = MaskFormat.rle,
 ) -> BatchPrediction:
     started = time.perf_counter()
@@ -172,10 +188,11 @@ async def predict_batch(
     budget = PixelBudget(settings.max_request_pixels)  # all files of the request together
     for index, upload in enumerate(files):
         try:
-            slices[index] = await read_slice(upload, settings, budget)
+            slices[index] = await read_slice(upload, settings, deadline, budget)
         except ImageRejected as error:  # this file fails alone
             items[index].status_code, items[index].detail = error.status_code, error.detail
-    predictions = await service.predict(list(slices.values()))
+    predictions = await service.predict(list(slices.values()), deadline)
+    deadline.check("encoding")
     versions = model_versions(service.card)
 
     def encode_all() -> None:  # one trip to the thread pool for the whole request, not one per slice

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ServiceDep, SettingsDep
+from app.api.deps import DeadlineDep, ServiceDep, SettingsDep
 from app.api.routes.predict import ERRORS, model_versions, ms
 from app.api.schemas import MaskFormat, ModelVersions, SeriesPrediction, SliceResult, VoxelSpacing
 from app.core.analysis import analyse_series, series_limits
@@ -114,6 +114,7 @@ async def predict_series(
     files: FilesField,
     service: ServiceDep,
     settings: SettingsDep,
+    deadline: DeadlineDep,
     output: Annotated[SeriesOutput, Query(description="json, or seg for a DICOM SEG (DICOM input only).")] = (
         SeriesOutput.json
     ),
@@ -125,12 +126,13 @@ async def predict_series(
 ) -> SeriesPrediction | Response:
     started = time.perf_counter()
     uploads = [Upload(f.filename, await f.read(), f.content_type) for f in files]
-    series = await run_in_threadpool(read_series, uploads, series_limits(settings))
+    series = await run_in_threadpool(read_series, uploads, series_limits(settings), deadline)
     del uploads
-    analysis = await analyse_series(service, series, largest_component)
+    analysis = await analyse_series(service, series, largest_component, deadline)
     predictions, masks = analysis.predictions, analysis.masks
     # Counts and geometry only: nothing that identifies the patient is logged.
     log.info("series: %d slices ordered by %s, %d tumor voxels", len(masks), series.ordered_by, int(masks.sum()))
+    deadline.check("encoding")
     if output is SeriesOutput.seg:
         seg = await run_in_threadpool(build_segmentation, series, masks, service.card)
         return Response(
