@@ -7,11 +7,13 @@ handed each batch to an executor and back, three loop <-> thread trips per reque
 load every trip waits for the GIL and the busy event loop, so batches stayed at ~2 slices and throughput
 fell below running without batching (docs/benchmarks.md has the measurement).
 
-DynamicBatcher works like Triton's dynamic batcher: one inference thread takes up to max_batch_size queued
-slices per network call, waiting at most max_wait_ms (counted from the oldest slice's arrival) for a batch
-to fill. Slices that arrive while a batch runs form the next one, so a busy service batches without waiting.
+DynamicBatcher works like Triton's dynamic batcher with an instance count: `concurrency` inference threads
+take up to max_batch_size queued slices per network call each, waiting at most max_wait_ms (counted from
+the oldest slice's arrival) for a batch to fill. Slices that arrive while every thread runs a batch form
+the next one, so a busy service batches without waiting.
 """
 
+import os
 import threading
 import time
 from collections import deque
@@ -23,12 +25,29 @@ from typing import Protocol
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from app.core.config import Settings
 from app.core.deadline import UNLIMITED, Deadline
 from app.core.pipeline import ModelOutput, Pipeline, PreparedSlice, SlicePrediction
 
 
 class ShuttingDown(RuntimeError):
     """The service stopped before this slice was processed."""
+
+
+def batch_concurrency(settings: Settings, providers: list[str]) -> int:
+    """LGG_BATCH_CONCURRENCY, or the default for where the networks run (providers: the classifier's session's).
+
+    On the CPU, two batches per core ONNX Runtime is given (LGG_INTRA_OP_THREADS, or all cores): the kernel
+    shares a busy CPU per runnable thread, and a batcher with fewer threads in the networks than the requests
+    it serves got a smaller share than no batching (one thread: 0.4-0.9x under contention; two per core:
+    parity; docs/benchmarks.md). On an accelerator or Triton, where large batches are what is cheap, two: one
+    batch's host work overlaps the other's compute.
+    """
+    if settings.batch_concurrency:
+        return settings.batch_concurrency
+    if providers[0] != "CPUExecutionProvider":
+        return 2
+    return 2 * (settings.intra_op_threads or len(os.sched_getaffinity(0)))
 
 
 class InferenceRunner(Protocol):
@@ -50,7 +69,7 @@ class DirectRunner:
         pass
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: in_flight is a set of them
 class _Pending:
     prepared: PreparedSlice
     deadline: Deadline
@@ -64,6 +83,7 @@ class DynamicBatcher:
         pipeline: Pipeline,
         max_batch_size: int,
         max_wait_ms: float,
+        concurrency: int = 1,
         on_queue_wait: Callable[[float], None] | None = None,
     ) -> None:
         self.pipeline = pipeline
@@ -71,12 +91,14 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_ms / 1000
         self.on_queue_wait = on_queue_wait
         self.pending: deque[_Pending] = deque()
-        self.in_flight: list[_Pending] = []
+        self.in_flight: set[_Pending] = set()
         self.stopping = False
         self.changed = threading.Condition()  # guards pending, in_flight and stopping
-        # One thread: ONNX Runtime already spreads one call over all cores.
-        self.worker = threading.Thread(target=self._work, name="dynamic-batcher", daemon=True)
-        self.worker.start()
+        self.workers = [
+            threading.Thread(target=self._work, name=f"dynamic-batcher-{i}", daemon=True) for i in range(concurrency)
+        ]
+        for worker in self.workers:
+            worker.start()
 
     async def predict(self, slices: list[np.ndarray], deadline: Deadline = UNLIMITED) -> list[SlicePrediction]:
         return await run_in_threadpool(self._predict, slices, deadline)
@@ -94,11 +116,11 @@ class DynamicBatcher:
         return self.pipeline.finish_all(prepared, outputs, deadline)
 
     async def stop(self) -> None:
-        """Fail what waits (the batch in the networks too) with ShuttingDown; the thread ends after that batch."""
+        """Fail what waits (the batches in the networks too) with ShuttingDown; each thread ends after its batch."""
         with self.changed:
             self.stopping = True
-            waiting, self.pending = [*self.in_flight, *self.pending], deque()
-            self.changed.notify()
+            waiting, self.pending, self.in_flight = [*self.in_flight, *self.pending], deque(), set()
+            self.changed.notify_all()
         for pending in waiting:
             pending.future.set_exception(ShuttingDown("the service is shutting down"))
 
@@ -119,8 +141,11 @@ class DynamicBatcher:
                     self.changed.wait(remaining)
             if self.stopping:
                 return []
-            self.in_flight = [self.pending.popleft() for _ in range(min(self.max_batch_size, len(self.pending)))]
-            return self.in_flight
+            batch = [self.pending.popleft() for _ in range(min(self.max_batch_size, len(self.pending)))]
+            self.in_flight.update(batch)
+            if self.pending:  # one request may queue more than a batch: an idle thread can take the rest
+                self.changed.notify()
+            return batch
 
     def _drop_expired(self) -> None:
         """Slices whose request ran out of time are not computed: their requests end with DeadlineExceeded."""
@@ -147,7 +172,7 @@ class DynamicBatcher:
         with self.changed:
             if self.stopping:
                 return
-            self.in_flight = []
+            self.in_flight.difference_update(batch)
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 pending.future.set_exception(result)

@@ -55,6 +55,13 @@ class Settings(BaseSettings):
         description="How long the batcher waits for more slices. 0 (Triton's default): a lone slice runs at once; "
         "under load batches still form from the slices that arrive while the previous batch runs.",
     )
+    batch_concurrency: int = Field(
+        0,
+        ge=0,
+        description="Batches run at once when batching (inference threads, like Triton's instance count). "
+        "0: two per core ONNX Runtime uses on the CPU, two on an accelerator or Triton "
+        "(app/core/batching.py batch_concurrency).",
+    )
     warmup_runs: int = Field(1, ge=0, description="Warm-up inferences per batch size before /readyz says ready.")
 
     max_upload_bytes: int = Field(20 * MiB, ge=1, description="Largest image file accepted.")

@@ -9,7 +9,7 @@ from enum import StrEnum
 import numpy as np
 
 from app.core.admission import Admission
-from app.core.batching import DirectRunner, DynamicBatcher, InferenceRunner
+from app.core.batching import DirectRunner, DynamicBatcher, InferenceRunner, batch_concurrency
 from app.core.config import Settings
 from app.core.deadline import Deadline
 from app.core.onnx_sessions import LoadedModels, ModelCard, load_models
@@ -60,6 +60,7 @@ class InferenceService:
                 self.pipeline,
                 self.settings.max_batch_size,
                 self.settings.max_wait_ms,
+                batch_concurrency(self.settings, models.classifier.providers),
                 on_queue_wait=self.metrics.queue_wait.observe,
             )
             if self.settings.batching
