@@ -47,6 +47,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.stop()
         loading.cancel()
         await asyncio.gather(loading, return_exceptions=True)
+        app.state.metrics.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

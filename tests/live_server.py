@@ -90,19 +90,24 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def live_server(log_dir: Path, wait_path: str | None = "/readyz", **settings: object) -> Iterator[LiveServer]:
-    """Starts the service and, unless wait_path is None, waits until GET wait_path answers 200."""
+def live_server(
+    log_dir: Path, wait_path: str | None = "/readyz", workers: int = 1, env: dict[str, str] | None = None,
+    **settings: object,
+) -> Iterator[LiveServer]:  # fmt: skip
+    """Starts the service (`--workers` when more than 1; env: other variables) and, unless wait_path is None,
+    waits until GET wait_path answers 200 (from one worker)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(128)
     port = listener.getsockname()[1]
     log_path = log_dir / f"uvicorn-{port}.log"
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--fd", str(listener.fileno())]
+    command += ["--workers", str(workers)] if workers > 1 else []
     with log_path.open("wb") as log, listener:
         process = subprocess.Popen(
             command,
             cwd=REPO_ROOT,
-            env=settings_env(settings),
+            env=settings_env(settings) | (env or {}),
             stdout=log,
             stderr=subprocess.STDOUT,
             pass_fds=(listener.fileno(),),

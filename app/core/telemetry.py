@@ -2,9 +2,16 @@
 
 Names follow Prometheus conventions (base units, `_total` counters); the HTTP ones match
 prometheus-fastapi-instrumentator's, so existing dashboards work.
+
+Several uvicorn workers (`--workers N`): with PROMETHEUS_MULTIPROC_DIR set in the environment (it must be set
+before prometheus_client is imported, so by whoever starts uvicorn), prometheus_client's multiprocess mode
+keeps every worker's values in files there and /metrics sums them over the workers, whichever answers the
+scrape. Without it, one process: its own registry, process and platform metrics included.
 """
 
+import os
 import time
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -14,7 +21,9 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
+    generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.pipeline import BatchTimings, SlicePrediction
@@ -23,8 +32,36 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def multiprocess_dir() -> Path | None:
+    value = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(value) if value else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def forget_dead_workers(directory: Path) -> None:
+    """A worker that died without shutting down (killed, crashed) left its live gauges: drop them (its counters
+    stay, so totals never go down)."""
+    for path in directory.glob("gauge_live*_*.db"):
+        pid = int(path.stem.rpartition("_")[2])
+        if not pid_alive(pid):
+            mark_process_dead(pid, str(directory))
+
+
 class ServiceMetrics:
     def __init__(self) -> None:
+        self.multiprocess_dir = multiprocess_dir()
+        if self.multiprocess_dir is not None:  # before the first metric: each opens its file there
+            self.multiprocess_dir.mkdir(parents=True, exist_ok=True)  # e.g. under an emptyDir /tmp
+            forget_dead_workers(self.multiprocess_dir)
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -55,8 +92,13 @@ class ServiceMetrics:
         )  # fmt: skip
         self.slices = Counter("lgg_slices_processed_total", "Slices run through the classifier.", registry=r)
         self.tumors = Counter("lgg_tumors_detected_total", "Slices the classifier flagged as tumor.", registry=r)
-        self.in_flight = Gauge("lgg_in_flight_slices", "Slices admitted and not yet answered.", registry=r)
-        self.admission_capacity = Gauge("lgg_admission_capacity_slices", "The bound on slices in flight.", registry=r)
+        # Several workers: in flight and the bound are summed over the live workers; ready only when all are.
+        self.in_flight = Gauge(
+            "lgg_in_flight_slices", "Slices admitted and not yet answered.", multiprocess_mode="livesum", registry=r
+        )
+        self.admission_capacity = Gauge(
+            "lgg_admission_capacity_slices", "The bound on slices in flight.", multiprocess_mode="livesum", registry=r
+        )
         self.rejected = Counter(
             "lgg_rejected_requests_total", "Requests refused with 503: the bound on slices in flight was reached.",
             registry=r,
@@ -65,8 +107,24 @@ class ServiceMetrics:
             "lgg_timed_out_requests_total", "Requests answered 504 and DICOM node series failed: their time budget "
             "(LGG_REQUEST_TIMEOUT_S) ran out.", registry=r,
         )  # fmt: skip
-        self.ready = Gauge("lgg_ready", "1 when the models are loaded and warmed up.", registry=r)
+        self.ready = Gauge(
+            "lgg_ready", "1 when the models are loaded and warmed up.", multiprocess_mode="livemin", registry=r
+        )
         self.model_info = Info("lgg_model", "The served model card version, file hashes and providers.", registry=r)
+
+    def exposition(self) -> bytes:
+        """The text /metrics answers: this process's registry, or every worker's values summed."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, str(self.multiprocess_dir))
+        registry.register(self.model_info)  # an Info is not shared between processes; every worker has the same
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """At this worker's exit: its live gauges stop counting (multiprocess mode)."""
+        if self.multiprocess_dir is not None:
+            mark_process_dead(os.getpid(), str(self.multiprocess_dir))
 
     def observe_batch(self, timings: BatchTimings) -> None:
         """Pipeline callback, once per batch."""

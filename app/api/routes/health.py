@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.deps import ServiceDep
 from app.api.schemas import ErrorBody, Status
@@ -30,4 +30,4 @@ async def readyz(service: ServiceDep) -> Status | JSONResponse:
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics (text exposition format)")
 async def metrics(service: ServiceDep) -> Response:
-    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
