@@ -196,16 +196,19 @@ def measure_service(
         settings = Settings(intra_op_threads=intra_op_threads, batch_concurrency=concurrency)
         config["batch_concurrency"] = batch_concurrency(settings, PROVIDERS[provider].split(","))
     rows = []
-    with uvicorn_server(f"service-{models.name}-{provider}-{workers}", SERVICE_APP, env, workers=workers) as server:
+    metrics_dir = tempfile.TemporaryDirectory(prefix="lgg-bench-metrics-")
+    if workers > 1:  # /metrics sums the workers (prometheus_client's multiprocess mode)
+        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
+    name = f"service-{models.name}-{provider}-{workers}"
+    with metrics_dir, uvicorn_server(name, SERVICE_APP, env, workers=workers) as server:
         for route, path, bodies, slices_per_request, shape in runs:
-            before = classifier_batches(server.url) if workers == 1 else None
+            before = classifier_batches(server.url)
             processes = default_processes(shape.concurrency)
             result = http_load(
                 LoadJob(server.url + path, bodies, slices_per_request, shape, server.pid, processes=processes)
             )
-            if before is not None:  # one worker's metrics are the whole service's (warm-up included)
-                slices, calls = (a - b for a, b in zip(classifier_batches(server.url), before, strict=True))
-                result["mean_onnx_batch"] = round(slices / calls, 2) if calls else None
+            slices, calls = (a - b for a, b in zip(classifier_batches(server.url), before, strict=True))
+            result["mean_onnx_batch"] = round(slices / calls, 2) if calls else None
             rows.append(config | {"route": route, **result})
             label = " ".join(str(v) for v in config.values())
             print(f"  {label} {route} c={shape.concurrency}: {result['slices_per_s']} slices/s", flush=True)
@@ -413,7 +416,7 @@ def main() -> None:
         "with them is the serving overhead outside ONNX Runtime (decode, preprocess, HTTP, multipart, JSON, threads).",
         "server CPU: all of the service's processes (uvicorn master and workers) over the measured phase, per slice; "
         "client CPU: all load-generator processes, which share the machine's cores with the server; CPU busy: both "
-        "over all cores. mean batch: slices per classifier call (1 worker only: each worker has its own metrics).",
+        "over all cores. mean batch: slices per classifier call, over all workers.",
         "batch route: 2 requests in flight per worker, --batch-slices slices each.",
         "batches at once: the batcher's inference threads (LGG_BATCH_CONCURRENCY, or the service's default).",
     ]
