@@ -38,6 +38,8 @@ def to_slice_array(image: Image.Image) -> np.ndarray:
     """PIL image -> uint8 HxW (a single FLAIR channel) or HxWx3 (the dataset's channel order)."""
     if image.mode in WIDE_MODES:
         return window_to_uint8(np.asarray(image))
+    if image.mode in ("L", "RGB"):  # already what preprocess_slice takes: no converted copy
+        return np.asarray(image)
     if image.mode in GRAY_MODES:
         return np.asarray(image.convert("L"))
     return np.asarray(image.convert("RGB"))
@@ -100,11 +102,13 @@ def decode_image(
 def mask_to_rle(mask: np.ndarray) -> dict:
     """COCO uncompressed RLE: column-major runs, starting with a (possibly empty) run of background."""
     height, width = mask.shape
-    pixels = mask.ravel(order="F").astype(np.int8)
-    changes = np.flatnonzero(np.diff(pixels)) + 1
-    boundaries = np.concatenate(([0], changes, [pixels.size]))
-    counts = np.diff(boundaries).tolist()
-    if pixels.size and pixels[0]:
+    # Where runs start in column-major order, found on the row-major mask (a transposed copy costs 4x the time):
+    # between two rows of a column, and between the last row of one column and the first row of the next.
+    rows, columns = np.divmod(np.flatnonzero(mask[1:] != mask[:-1]), width)
+    across = (np.flatnonzero(mask[0, 1:] != mask[-1, :-1]) + 1) * height
+    starts = np.sort(np.concatenate(([0], columns * height + rows + 1, across, [mask.size])))
+    counts = (starts[1:] - starts[:-1]).tolist()
+    if mask[0, 0]:
         counts.insert(0, 0)
     return {"format": "rle", "size": [height, width], "counts": counts}
 

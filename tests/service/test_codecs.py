@@ -2,6 +2,7 @@
 
 import base64
 import io
+import itertools
 import struct
 import zlib
 
@@ -154,6 +155,17 @@ def test_rle_round_trips_through_pycocotools(mask: np.ndarray) -> None:
     assert sum(rle["counts"]) == mask.size
     assert (rle["counts"][0] == 0) == bool(mask.ravel(order="F")[0])
     np.testing.assert_array_equal(coco_decode(rle), mask)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (2, 2), (7, 5), (64, 3), (256, 256)])
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.5, 0.98, 1.0])
+def test_rle_equals_runs_over_the_column_major_pixels(shape: tuple[int, int], density: float) -> None:
+    # mask_to_rle finds runs without transposing the mask: check it against the plain column-major definition.
+    mask = np.random.default_rng(3).random(shape) < density
+    pixels = mask.ravel(order="F")
+    runs = [len(list(group)) for _, group in itertools.groupby(pixels)]
+    expected = [0, *runs] if pixels[0] else runs
+    assert mask_to_rle(mask) == {"format": "rle", "size": list(shape), "counts": expected}
 
 
 def test_png_mask_is_one_bit_and_exact() -> None:

@@ -53,18 +53,19 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
-async def read_slice(
-    upload: UploadFile, settings: Settings, deadline: Deadline, budget: PixelBudget | None = None
-) -> np.ndarray:
-    """The upload's bytes, capped, decoded off the event loop; raises ImageRejected with the status to answer.
-
-    `budget`: the request's decoded-pixel budget when it has several files (one per call otherwise).
-    """
+async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
+    """The upload's bytes (parsed into memory by the multipart parser), capped: ImageRejected 413 beyond."""
     data = await upload.read()
     if len(data) > settings.max_upload_bytes:
         raise ImageRejected(413, f"file is {len(data)} bytes, more than the limit of {settings.max_upload_bytes}")
+    return data
+
+
+async def read_slice(upload: UploadFile, settings: Settings, deadline: Deadline) -> np.ndarray:
+    """One upload, capped and decoded off the event loop; raises ImageRejected with the status to answer."""
+    data = await read_upload(upload, settings)
     deadline.check("decoding")
-    return await run_in_threadpool(decode_image, data, ImageLimits.from_settings(settings), upload.content_type, budget)
+    return await run_in_threadpool(decode_image, data, ImageLimits.from_settings(settings), upload.content_type)
 
 
 def model_versions(card: ModelCard) -> ModelVersions:
@@ -89,7 +90,7 @@ def to_prediction(
         tumor_probability=prediction.tumor_probability,
         mask=encoded,
         bbox=bounding_box(mask) if mask is not None else None,
-        area_pixels=int(mask.sum()) if mask is not None else 0,
+        area_pixels=np.count_nonzero(mask) if mask is not None else 0,
         image_size=list(slice_.shape[:2]),
         models=versions,
     )
@@ -118,7 +119,11 @@ async def predict(
     [prediction] = await service.predict([slice_], deadline)
     deadline.check("encoding")
     predicted = time.perf_counter()
-    result = await run_in_threadpool(to_prediction, slice_, prediction, mask_format, model_versions(service.card))
+    versions = model_versions(service.card)
+    if mask_format is MaskFormat.png:  # a PNG encode takes milliseconds: off the event loop
+        result = await run_in_threadpool(to_prediction, slice_, prediction, mask_format, versions)
+    else:  # RLE and the model take ~0.05 ms: less than a trip to the thread pool and back
+        result = to_prediction(slice_, prediction, mask_format, versions)
     finished = time.perf_counter()
     batch = prediction.batch
     computing_s = prediction.preprocess_s + batch.classifier_s + batch.segmenter_s + prediction.postprocess_s
@@ -184,13 +189,26 @@ async def predict_batch(
         detail = f"{len(files)} files in one request, more than the limit of {settings.max_batch_files}"
         raise HTTPException(413, detail)
     items = [BatchItem(filename=f.filename, status_code=200) for f in files]
-    slices: dict[int, np.ndarray] = {}
-    budget = PixelBudget(settings.max_request_pixels)  # all files of the request together
+    uploads: dict[int, bytes] = {}
     for index, upload in enumerate(files):
         try:
-            slices[index] = await read_slice(upload, settings, deadline, budget)
+            uploads[index] = await read_upload(upload, settings)
         except ImageRejected as error:  # this file fails alone
             items[index].status_code, items[index].detail = error.status_code, error.detail
+    limits = ImageLimits.from_settings(settings)
+    content_types = [f.content_type for f in files]
+
+    def decode_all() -> dict[int, np.ndarray]:  # one trip to the thread pool for all files, not one per file
+        budget = PixelBudget(settings.max_request_pixels)  # all files of the request together
+        slices = {}
+        for index, data in deadline.each(uploads.items(), "decoding"):
+            try:
+                slices[index] = decode_image(data, limits, content_types[index], budget)
+            except ImageRejected as error:  # this file fails alone
+                items[index].status_code, items[index].detail = error.status_code, error.detail
+        return slices
+
+    slices = await run_in_threadpool(decode_all)
     predictions = await service.predict(list(slices.values()), deadline)
     deadline.check("encoding")
     versions = model_versions(service.card)
