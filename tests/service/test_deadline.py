@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -85,10 +86,9 @@ def spinning(model: onnx.ModelProto, iterations: int) -> onnx.ModelProto:
     return model
 
 
-@pytest.fixture(scope="module")
-def slow_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def slow_models(folder: Path) -> Path:
     """bench/null_model.py's folder (the real card's shapes) with a classifier that spins on non-blank slices."""
-    folder = write_null_models(tmp_path_factory.mktemp("slow-models"))
+    write_null_models(folder)
     card = json.loads((folder / CARD_FILE).read_text())
     entry = card["models"]["classifier"]
     path = folder / entry["file"]
@@ -96,6 +96,24 @@ def slow_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     entry["sha256"] = sha256_of(path)
     (folder / CARD_FILE).write_text(json.dumps(card))
     return folder
+
+
+@contextmanager
+def silent_pacs() -> Iterator[dict[str, str]]:
+    """A DICOMweb request body for a PACS that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        yield {
+            "dicomweb_url": f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web",
+            "study_instance_uid": "1.2.3",
+            "series_instance_uid": "1.2.3.4",
+        }
+
+
+@pytest.fixture(scope="module")
+def slow_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return slow_models(tmp_path_factory.mktemp("slow-models"))
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["direct", "batching"])
@@ -188,14 +206,7 @@ def test_slow_requests_get_504_at_their_deadline_and_hold_admission_until_their_
 
 def test_a_pacs_that_never_answers_costs_the_budget_not_the_client_timeout(server: Service) -> None:
     """DICOMweb: the retrieve waits at most what is left of the budget (the PACS client's own timeout is 60 s)."""
-    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        body = {
-            "dicomweb_url": f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web",
-            "study_instance_uid": "1.2.3",
-            "series_instance_uid": "1.2.3.4",
-        }
+    with silent_pacs() as body:
         response, seconds = post(server.url + "/v1/dicomweb/series", json=body)
         assert response.status_code == 504 and "WADO-RS" in response.json()["detail"], response.text
         assert seconds < BUDGET_S + MARGIN_S
