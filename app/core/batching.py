@@ -1,7 +1,7 @@
 """How slices reach the pipeline: gathered into batches (DynamicBatcher) or one request at a time (DirectRunner).
 
 Both runners cost a request the same single trip to the thread pool: there the request prepares its slices,
-(batching) hands them to the inference thread and blocks until its outputs are back, then resizes its masks.
+(batching) hands them to the inference threads and blocks until its outputs are back, then resizes its masks.
 The event loop never takes part in a batch. The first design ran the batcher as an asyncio task that
 handed each batch to an executor and back, three loop <-> thread trips per request and two per batch; under
 load every trip waits for the GIL and the busy event loop, so batches stayed at ~2 slices and throughput
@@ -39,9 +39,9 @@ def batch_concurrency(settings: Settings, providers: list[str]) -> int:
 
     On the CPU, two batches per core ONNX Runtime is given (LGG_INTRA_OP_THREADS, or all cores): the kernel
     shares a busy CPU per runnable thread, and a batcher with fewer threads in the networks than the requests
-    it serves got a smaller share than no batching (one thread: 0.4-0.9x under contention; two per core:
-    parity; docs/benchmarks.md). On an accelerator or Triton, where large batches are what is cheap, two: one
-    batch's host work overlaps the other's compute.
+    it serves got a smaller share than no batching (one thread: 0.40-0.94x of it with two busy processes on
+    2 cores; two per core: 0.86-1.24x; docs/benchmarks.md). On an accelerator or Triton, where large batches
+    are what is cheap, two: one batch's host work overlaps the other's compute (not measured).
     """
     if settings.batch_concurrency:
         return settings.batch_concurrency
