@@ -22,6 +22,7 @@ from app.core.dicom_node import start_dicom_node
 from app.core.onnx_sessions import read_model_card
 from app.core.service import InferenceService
 from app.core.telemetry import HttpMetricsMiddleware, ServiceMetrics
+from app.core.work_priority import lower_work_threads
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around a fil
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    lower_work_threads(settings.work_niceness)  # before the service starts any thread
     # Fast and fatal: a missing file or a wrong checksum stops the process before it listens.
     card = read_model_card(settings.model_dir)
     log.info("model card %s verified in %s", card.version, settings.model_dir)

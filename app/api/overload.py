@@ -64,19 +64,27 @@ class AdmissionMiddleware:
             self.admission.release(1)
 
     async def run_within(self, deadline: Deadline, scope: Scope, receive: Receive, send: Send) -> None:
-        """Runs the app; at the deadline answers 504 if it has not started answering, then waits for it to end."""
-        started = answered = False
+        """Runs the app in this task (its unit is released the moment it returns, as it was without a budget); at
+        the deadline a timer answers 504 if the app has not started answering, and the app's own answer is dropped."""
+        started = False
+        answer: asyncio.Task | None = None
 
         async def send_once(message: Message) -> None:
             nonlocal started
-            if answered:  # the 504 went out: what the work answers after it is dropped
+            if answer is not None:  # the 504 went out: what the work answers after it is dropped
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        work = asyncio.ensure_future(self.app(scope, receive, send_once))
-        await asyncio.wait([work], timeout=deadline.remaining())
-        if not work.done() and not started:
-            answered = True
-            await timed_out_response(deadline.exceeded())(scope, receive, send)
-        await work  # the work stops at its next deadline check: only then is the unit released
+        def on_deadline() -> None:  # in the event loop, between two of the app's steps: no send is half done
+            nonlocal answer
+            if not started:
+                answer = asyncio.ensure_future(timed_out_response(deadline.exceeded())(scope, receive, send))
+
+        timer = asyncio.get_running_loop().call_later(deadline.remaining(), on_deadline)
+        try:
+            await self.app(scope, receive, send_once)  # the work stops at its next deadline check
+        finally:
+            timer.cancel()
+            if answer is not None:
+                await answer

@@ -96,6 +96,14 @@ class Settings(BaseSettings):
         description="Time budget of one prediction request, from its headers to its answer (upload, decoding, "
         "models, encoding); beyond it a 504 and the work stops at its next step. Also bounds a DICOM node series.",
     )
+    work_niceness: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="How much lower (Linux nice steps) the CPU priority of the threads doing admitted work is than "
+        "the event loop's, so refusals (503) and health answers do not wait for the cores (app/core/work_priority.py)"
+        "; 0: the same priority.",
+    )
     shutdown_drain_s: float = Field(
         3.0,
         ge=0,
