@@ -86,3 +86,23 @@ def test_growth_quick_reports_every_batch_size_and_concurrency(tmp_path: Path, b
     for row in report["concurrency_rows"]:
         assert_served(row)
     assert all(step["exponent"] is not None for step in report["growth_steps"])
+
+
+def test_decode_cost_stages_prints_a_cost_for_every_stage(bundled_models_dir: Path) -> None:
+    if not (bundled_models_dir / "model_card.json").is_file():
+        pytest.skip(f"no bundled models in {bundled_models_dir}")
+    command = [sys.executable, "-m", "bench.decode_cost", "--stages", "--slices", "8", "--passes", "1"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:3] for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    stages = [name.strip() for name, _ in rows]
+    assert [s.split(" ")[0] for s in stages[1:]] == [
+        "decode",
+        "preprocess",
+        "null",
+        "finish:",
+        "encode:",
+        "serialize:",
+        "**sum**",
+    ]
+    assert all(float(cost.strip(" *")) > 0 for _, cost in rows[1:])
