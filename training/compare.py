@@ -67,7 +67,8 @@ def shipped_models_dice(model_dir: Path, data: Path, patients: list[str]) -> dic
 
 def recipe_label(report: dict) -> str:
     recipe = report["recipe"]
-    return ", ".join(f"{k} {recipe[k]}" for k in ("size", "width", "epochs", "ema_decay", "mask_loss") if k in recipe)
+    shown = ("networks", "size", "width", "epochs", "ema_decay", "mask_loss")
+    return ", ".join(f"{k} {recipe[k]}" for k in shown if k in recipe)
 
 
 def comparison_table(names: list[str], reports: list[dict], shipped: dict[str, dict] | None) -> str:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from training.checkpoints import classifier_of, load_model
+from training.checkpoints import MODEL_FILE, classifier_of, load_model, load_run
 from training.cv_report import cross_validation_report, write_report
 from training.dataset import SliceCache, load_cache, patient_folds
 from training.fitting import Runtime, TrainConfig, add_config_arguments, check_same_recipe, config_from_args, fit
@@ -27,6 +28,9 @@ log = logging.getLogger("training")
 
 OUTPUTS_FILE = "outputs.npz"
 RECIPE_FILE = "recipe.json"
+# --networks: one joint ResUNet (its encoder is the classifier) in fold<k>/, or a ResNet classifier and a ResUNet
+# segmenter trained apart, in fold<k>/classifier/ and fold<k>/segmenter/ (the layout `train` writes).
+NETWORKS = {"joint": ("joint",), "separate": ("classifier", "segmenter")}
 INNER_GROUPS = 6  # the inner validation group is one sixth of a fold's training patients (~11 of 68)
 
 
@@ -57,9 +61,18 @@ def check_one_recipe(config: TrainConfig, path: Path) -> None:
         path.write_text(json.dumps({k: v for k, v in asdict(config).items() if k != "device"}, indent=1) + "\n")
 
 
-def predict_fold(model_path: Path, cache: SliceCache, fold: dict[str, list[str]], out: Path) -> None:
-    """The fold's network on its inner-validation and held-out slices, with and without flip averaging."""
-    model, _ = load_model(model_path)
+def fold_networks(fold_dir: Path) -> tuple[nn.Module, nn.Module]:
+    """(classifier, segmenter) of a trained fold: one joint network and its encoder, or two networks."""
+    if (fold_dir / MODEL_FILE).exists():
+        joint, _ = load_model(fold_dir / MODEL_FILE)
+        return classifier_of(joint), joint
+    networks = load_run(fold_dir)
+    return networks["classifier"][0], networks["segmenter"][0]
+
+
+def predict_fold(fold_dir: Path, cache: SliceCache, fold: dict[str, list[str]], out: Path) -> None:
+    """The fold's networks on its inner-validation and held-out slices, with and without flip averaging."""
+    classifier, segmenter = fold_networks(fold_dir)
     arrays = {}
     for part in ("validation", "held_out"):
         indices = cache.indices_of(fold[part])
@@ -67,8 +80,8 @@ def predict_fold(model_path: Path, cache: SliceCache, fold: dict[str, list[str]]
         arrays[f"{part}_indices"] = indices
         for flip in (False, True):
             suffix = "_flip" if flip else ""
-            arrays[f"{part}_tumor_probability{suffix}"] = predict(classifier_of(model), images, flip=flip)[:, 0]
-            arrays[f"{part}_probability_maps{suffix}"] = predict(model, images, flip=flip)[:, 0].astype(np.float16)
+            arrays[f"{part}_tumor_probability{suffix}"] = predict(classifier, images, flip=flip)[:, 0]
+            arrays[f"{part}_probability_maps{suffix}"] = predict(segmenter, images, flip=flip)[:, 0].astype(np.float16)
     partial = out.with_suffix(".partial.npz")
     np.savez(partial, **arrays)
     partial.replace(out)
@@ -79,10 +92,10 @@ def run(args: argparse.Namespace) -> dict | None:
     setup_logging(out / "cv.log")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = config_from_args(args, "joint")
-    cache = load_cache(Path(args.data), config.size, Path(args.cache_dir))
-    plan = fold_plan(cache, args.folds, config.seed, out / "folds.json")
-    check_one_recipe(config, out / RECIPE_FILE)
+    configs = [config_from_args(args, model) for model in NETWORKS[args.networks]]
+    cache = load_cache(Path(args.data), configs[0].size, Path(args.cache_dir))
+    plan = fold_plan(cache, args.folds, configs[0].seed, out / "folds.json")
+    check_one_recipe(configs[-1], out / RECIPE_FILE)  # the model field tells joint from separate
     runtime = Runtime.start()
     for k in args.only_folds or range(args.folds):
         fold_dir = out / f"fold{k}"
@@ -97,17 +110,18 @@ def run(args: argparse.Namespace) -> dict | None:
             len(fold["validation"]),
             len(fold["held_out"]),
         )
-        model_path = fit(
-            config,
-            cache,
-            cache.indices_of(fold["train"]),
-            cache.indices_of(fold["validation"]),
-            fold_dir,
-            runtime,
-            resume=True,
-            progress=args.progress,
-        )
-        predict_fold(model_path, cache, fold, fold_dir / OUTPUTS_FILE)
+        for config in configs:
+            fit(
+                config,
+                cache,
+                cache.indices_of(fold["train"]),
+                cache.indices_of(fold["validation"]),
+                fold_dir if config.model == "joint" else fold_dir / config.model,
+                runtime,
+                resume=True,
+                progress=args.progress,
+            )
+        predict_fold(fold_dir, cache, fold, fold_dir / OUTPUTS_FILE)
     done = [k for k in range(args.folds) if (out / f"fold{k}" / OUTPUTS_FILE).exists()]
     if not done:
         return None
@@ -118,6 +132,12 @@ def run(args: argparse.Namespace) -> dict | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument(
+        "--networks",
+        choices=list(NETWORKS),
+        default="joint",
+        help="one ResUNet trained on both tasks (its encoder is the classifier), or a classifier and a segmenter",
+    )
     parser.add_argument("--out", default="runs/cv", help="folds.json, fold<k>/ checkpoints and outputs, the report")
     parser.add_argument("--only-folds", type=int, nargs="+", help="train these folds only (e.g. one per machine)")
     parser.add_argument(

@@ -32,6 +32,14 @@ VARIANTS = {
     "pipeline, small components removed, flip averaging": (True, True),
 }
 PRIMARY = next(iter(VARIANTS))
+RECIPE_OPTIONS = (
+    "networks", "size", "width", "blocks", "epochs", "warmup_epochs", "batch_size", "lr", "ema_decay", "mask_loss",
+    "seed", "autocast",
+)  # fmt: skip
+NETWORKS_TEXT = {
+    "joint": "one joint ResUNet (its encoder is the ResNet classifier)",
+    "separate": "a ResNet classifier and a ResUNet segmenter, each",
+}
 
 
 class LeakError(RuntimeError):
@@ -145,13 +153,12 @@ def cross_validation_report(
         "patients": sum(len(f["held_out"]) for k, f in enumerate(plan) if k in folds),
         "method": (
             f"{len(plan)}-fold cross-validation grouped by patient, stratified by tumor burden (seed {args.seed}); "
-            "in each fold one joint ResUNet (its encoder is the ResNet classifier) trained on the fold's training "
+            f"in each fold {NETWORKS_TEXT[args.networks]} trained on the fold's training "
             "patients minus an inner validation group, which alone chooses the fold's thresholds (classifier: "
             f"highest with sensitivity >= {args.sensitivity}; segmenter threshold and minimum component size: "
             "best mean per-volume Dice); held-out predictions pooled; 95% intervals by bootstrap over patients"
         ),
-        "recipe": {k: getattr(args, k) for k in ("size", "width", "blocks", "epochs", "warmup_epochs", "batch_size")}
-        | {k: getattr(args, k) for k in ("lr", "ema_decay", "mask_loss", "seed", "autocast")},
+        "recipe": {k: getattr(args, k) for k in RECIPE_OPTIONS},
         "dice_convention": "Dice = 1 when prediction and truth are both empty, 0 when only one is empty",
         "primary": PRIMARY,
         "variants": {name: {k: v for k, v in m.items() if k != "_predicted"} for name, m in variants.items()},

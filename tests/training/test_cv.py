@@ -144,3 +144,22 @@ def test_final_model_on_every_patient_exports_with_the_cv_thresholds_and_figures
     pooled = card["cross_validation"]["pooled"]["volume_dice_mean"]
     assert pooled["low"] <= pooled["estimate"] <= pooled["high"]
     assert "metrics" not in card  # no single-split figures for a model that trained on every patient
+
+
+@pytest.mark.slow
+def test_cv_with_separate_networks_trains_both_per_fold_and_keeps_its_recipe(
+    synthetic_tif: SyntheticData, tmp_path: Path
+) -> None:
+    common = ["cv", "--data", synthetic_tif.root, "--out", tmp_path / "cv", "--cache-dir", tmp_path / "cache"]
+    common += ["--folds", "2", "--size", "64", "--width", "8", "--threads", "1", "--no-progress", "--epochs", "1"]
+    run_training(*common, "--networks", "separate")
+    for k in (0, 1):
+        for kind in ("classifier", "segmenter"):
+            assert (tmp_path / "cv" / f"fold{k}" / kind / "model.pt").exists()
+        assert not (tmp_path / "cv" / f"fold{k}" / "model.pt").exists()
+    report = json.loads((tmp_path / "cv" / "report.json").read_text())
+    assert report["recipe"]["networks"] == "separate"
+    assert "a ResNet classifier and a ResUNet segmenter" in report["method"]
+    assert len(report["per_patient"]) == 10
+    with pytest.raises(AssertionError, match="another recipe"):  # the joint recipe is another CV
+        run_training(*common)
