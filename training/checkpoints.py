@@ -34,10 +34,11 @@ def classifier_of(model: nn.Module) -> ResNet:
 def load_run(run_dir: Path) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
     """{"classifier": (network, checkpoint), "segmenter": (network, checkpoint)} of a run folder.
 
-    A joint run (`RUN/joint/model.pt`) gives both from one network: its encoder is the classifier. Otherwise
-    `RUN/classifier/` and `RUN/segmenter/` each hold one.
+    A joint run (`RUN/joint/model.pt` as `train` writes it, or `RUN/model.pt` as a `cv` fold holds it) gives both
+    from one network: its encoder is the classifier. Otherwise `RUN/classifier/` and `RUN/segmenter/` each hold one.
     """
-    if (run_dir / "joint" / MODEL_FILE).exists():
-        joint, checkpoint = load_model(run_dir / "joint" / MODEL_FILE)
-        return {"classifier": (classifier_of(joint), checkpoint), "segmenter": (joint, checkpoint)}
+    for joint_path in (run_dir / "joint" / MODEL_FILE, run_dir / MODEL_FILE):
+        if joint_path.exists():
+            joint, checkpoint = load_model(joint_path)
+            return {"classifier": (classifier_of(joint), checkpoint), "segmenter": (joint, checkpoint)}
     return {kind: load_model(run_dir / kind / MODEL_FILE) for kind in ("classifier", "segmenter")}

@@ -36,7 +36,8 @@ def held_out_dice(report: dict) -> dict[str, float]:
 
 
 def paired_difference(reference: dict[str, float], other: dict[str, float]) -> dict:
-    """Mean of other - reference over the patients both predicted, with a bootstrap 95% interval over patients."""
+    """Mean of other - reference over the patients both predicted, with a bootstrap 95% interval over patients;
+    and each side's mean over those patients."""
     patients = sorted(set(reference) & set(other))
     difference = {p: other[p] - reference[p] for p in patients}
 
@@ -45,6 +46,8 @@ def paired_difference(reference: dict[str, float], other: dict[str, float]) -> d
 
     return {
         "patients": len(patients),
+        "reference_mean": float(np.mean([reference[p] for p in patients])),
+        "other_mean": float(np.mean([other[p] for p in patients])),
         "mean_difference": mean_of(patients),
         "mean_difference_95ci": bootstrap_interval(patients, mean_of),
         "better": sum(d > 0 for d in difference.values()),
@@ -104,11 +107,9 @@ def comparison_table(names: list[str], reports: list[dict], shipped: dict[str, d
         for split, dice in shipped.items():
             for name, report in zip(names, reports, strict=True):
                 d = paired_difference(dice, held_out_dice(report))
-                common = sorted(set(dice) & set(held_out_dice(report)))
                 low, high = d["mean_difference_95ci"]
                 lines.append(
-                    f"| {split} split, {name} | {d['patients']} | {np.mean([dice[p] for p in common]):.3f} "
-                    f"| {np.mean([held_out_dice(report)[p] for p in common]):.3f} "
+                    f"| {split} split, {name} | {d['patients']} | {d['reference_mean']:.3f} | {d['other_mean']:.3f} "
                     f"| {d['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}] | {d['better']} / {d['worse']} |"
                 )
     return "\n".join(lines) + "\n"

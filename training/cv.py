@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from training.checkpoints import MODEL_FILE, classifier_of, load_model, load_run
+from training.checkpoints import load_run
 from training.cv_report import cross_validation_report, write_report
 from training.dataset import SliceCache, load_cache, patient_folds
 from training.fitting import Runtime, TrainConfig, add_config_arguments, check_same_recipe, config_from_args, fit
@@ -61,18 +60,10 @@ def check_one_recipe(config: TrainConfig, path: Path) -> None:
         path.write_text(json.dumps({k: v for k, v in asdict(config).items() if k != "device"}, indent=1) + "\n")
 
 
-def fold_networks(fold_dir: Path) -> tuple[nn.Module, nn.Module]:
-    """(classifier, segmenter) of a trained fold: one joint network and its encoder, or two networks."""
-    if (fold_dir / MODEL_FILE).exists():
-        joint, _ = load_model(fold_dir / MODEL_FILE)
-        return classifier_of(joint), joint
-    networks = load_run(fold_dir)
-    return networks["classifier"][0], networks["segmenter"][0]
-
-
 def predict_fold(fold_dir: Path, cache: SliceCache, fold: dict[str, list[str]], out: Path) -> None:
     """The fold's networks on its inner-validation and held-out slices, with and without flip averaging."""
-    classifier, segmenter = fold_networks(fold_dir)
+    networks = load_run(fold_dir)  # one joint network (its encoder the classifier), or two
+    classifier, segmenter = networks["classifier"][0], networks["segmenter"][0]
     arrays = {}
     for part in ("validation", "held_out"):
         indices = cache.indices_of(fold[part])

@@ -36,6 +36,7 @@ def test_paired_difference_by_hand() -> None:
     assert d["patients"] == 3  # only the patients both predicted
     assert d["mean_difference"] == pytest.approx((0.2 + 0.0 - 0.1) / 3)
     assert (d["better"], d["worse"]) == (1, 1)
+    assert (d["reference_mean"], d["other_mean"]) == (pytest.approx(2.2 / 3), pytest.approx(2.3 / 3))
     low, high = d["mean_difference_95ci"]
     assert -0.1 <= low <= d["mean_difference"] <= high <= 0.2  # resampled means stay within the differences
 
