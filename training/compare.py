@@ -70,7 +70,7 @@ def shipped_models_dice(model_dir: Path, data: Path, patients: list[str]) -> dic
 
 def recipe_label(report: dict) -> str:
     recipe = report["recipe"]
-    shown = ("networks", "size", "width", "epochs", "ema_decay", "mask_loss")
+    shown = ("networks", "size", "width", "epochs", "ema_decay", "mask_loss", "missing_sequences")
     return ", ".join(f"{k} {recipe[k]}" for k in shown if k in recipe)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from training.checkpoints import load_run
-from training.cv_report import cross_validation_report, write_report
+from training.cv_report import cross_validation_report, output_suffix, write_report
 from training.dataset import SliceCache, load_cache, patient_folds
 from training.fitting import Runtime, TrainConfig, add_config_arguments, check_same_recipe, config_from_args, fit
 from training.inference import predict
@@ -60,17 +60,35 @@ def check_one_recipe(config: TrainConfig, path: Path) -> None:
         path.write_text(json.dumps({k: v for k, v in asdict(config).items() if k != "device"}, indent=1) + "\n")
 
 
+# The ways each part's slices are predicted: (flip averaging, FLAIR only). Held-out slices are also predicted as
+# FLAIR only: the preprocessing z-scores each channel on its own, so a FLAIR-only slice's input is FLAIR's
+# channel three times, exactly.
+PREDICTIONS = {
+    "validation": ((False, False), (True, False)),
+    "held_out": ((False, False), (True, False), (False, True)),
+}
+
+
+def outputs_complete(path: Path) -> bool:
+    """A fold's outputs.npz holds every prediction the report reads (older ones lack FLAIR-only; rerun adds it)."""
+    if not path.exists():
+        return False
+    with np.load(path) as arrays:
+        keys = {f"{part}_probability_maps{output_suffix(*way)}" for part, ways in PREDICTIONS.items() for way in ways}
+        return keys <= set(arrays.files)
+
+
 def predict_fold(fold_dir: Path, cache: SliceCache, fold: dict[str, list[str]], out: Path) -> None:
-    """The fold's networks on its inner-validation and held-out slices, with and without flip averaging."""
+    """The fold's networks on its inner-validation and held-out slices, each way of PREDICTIONS."""
     networks = load_run(fold_dir)  # one joint network (its encoder the classifier), or two
     classifier, segmenter = networks["classifier"][0], networks["segmenter"][0]
     arrays = {}
-    for part in ("validation", "held_out"):
+    for part, ways in PREDICTIONS.items():
         indices = cache.indices_of(fold[part])
-        images = cache.images[indices]
         arrays[f"{part}_indices"] = indices
-        for flip in (False, True):
-            suffix = "_flip" if flip else ""
+        for flip, flair_only in ways:
+            images = cache.images[indices][:, [1, 1, 1]] if flair_only else cache.images[indices]
+            suffix = output_suffix(flip, flair_only)
             arrays[f"{part}_tumor_probability{suffix}"] = predict(classifier, images, flip=flip)[:, 0]
             arrays[f"{part}_probability_maps{suffix}"] = predict(segmenter, images, flip=flip)[:, 0].astype(np.float16)
     partial = out.with_suffix(".partial.npz")
@@ -90,7 +108,7 @@ def run(args: argparse.Namespace) -> dict | None:
     runtime = Runtime.start()
     for k in args.only_folds or range(args.folds):
         fold_dir = out / f"fold{k}"
-        if (fold_dir / OUTPUTS_FILE).exists():
+        if outputs_complete(fold_dir / OUTPUTS_FILE):
             continue
         fold = plan[k]
         log.info(
@@ -113,7 +131,7 @@ def run(args: argparse.Namespace) -> dict | None:
                 progress=args.progress,
             )
         predict_fold(fold_dir, cache, fold, fold_dir / OUTPUTS_FILE)
-    done = [k for k in range(args.folds) if (out / f"fold{k}" / OUTPUTS_FILE).exists()]
+    done = [k for k in range(args.folds) if outputs_complete(out / f"fold{k}" / OUTPUTS_FILE)]
     if not done:
         return None
     report = cross_validation_report(cache, plan, {k: np.load(out / f"fold{k}" / OUTPUTS_FILE) for k in done}, args)

@@ -7,6 +7,7 @@ inner validation patients for every variant), so their rows differ only by that 
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -25,16 +26,26 @@ from training.metrics import (
 )
 from training.selection import MIN_COMPONENT_PIXELS, Outputs, choose_thresholds, pipeline_masks
 
-# name -> (flip averaging, small components removed); the first is the recipe's, fixed before any result.
+
+class Variant(NamedTuple):
+    flip: bool  # flip averaging
+    components: bool  # small components removed
+    # Held-out slices shown as FLAIR only (a study without pre- and post-contrast, or a grayscale upload);
+    # thresholds are still chosen on the full inputs, as the shipped card's are.
+    flair_only: bool = False
+
+
+# The first is the recipe's, fixed before any result.
 VARIANTS = {
-    "pipeline, small components removed": (False, True),
-    "pipeline, no component removal": (False, False),
-    "pipeline, small components removed, flip averaging": (True, True),
+    "pipeline, small components removed": Variant(flip=False, components=True),
+    "pipeline, no component removal": Variant(flip=False, components=False),
+    "pipeline, small components removed, flip averaging": Variant(flip=True, components=True),
+    "pipeline, small components removed, FLAIR-only input": Variant(flip=False, components=True, flair_only=True),
 }
 PRIMARY = next(iter(VARIANTS))
 RECIPE_OPTIONS = (
     "networks", "size", "width", "blocks", "epochs", "warmup_epochs", "batch_size", "lr", "ema_decay", "mask_loss",
-    "seed", "autocast",
+    "missing_sequences", "seed", "autocast",
 )  # fmt: skip
 NETWORKS_TEXT = {
     "joint": "one joint ResUNet (its encoder is the ResNet classifier)",
@@ -52,8 +63,13 @@ def check_no_leak(cache: SliceCache, arrays: np.lib.npyio.NpzFile) -> None:
         raise LeakError(f"held-out patients among the threshold-choosing ones: {sorted(shared)}")
 
 
-def fold_outputs(arrays: np.lib.npyio.NpzFile, part: str, flip: bool) -> Outputs:
-    suffix = "_flip" if flip else ""
+def output_suffix(flip: bool, flair_only: bool = False) -> str:
+    """The outputs.npz key suffix of one way of predicting (training.cv.predict_fold writes them)."""
+    return "_flip" * flip + "_flair_only" * flair_only
+
+
+def fold_outputs(arrays: np.lib.npyio.NpzFile, part: str, flip: bool, flair_only: bool = False) -> Outputs:
+    suffix = output_suffix(flip, flair_only)
     return Outputs(
         arrays[f"{part}_indices"],
         arrays[f"{part}_tumor_probability{suffix}"],
@@ -62,18 +78,18 @@ def fold_outputs(arrays: np.lib.npyio.NpzFile, part: str, flip: bool) -> Outputs
 
 
 def evaluate_variant(
-    cache: SliceCache, folds: dict[int, np.lib.npyio.NpzFile], flip: bool, components: bool, sensitivity: float
+    cache: SliceCache, folds: dict[int, np.lib.npyio.NpzFile], variant: Variant, sensitivity: float
 ) -> dict:
     """Thresholds per fold on its inner validation patients, applied to its held-out patients; then pooled."""
     shape = cache.masks.shape[1:]
     indices, probabilities, masks, thresholds = [], [], [], {}
     for k, arrays in sorted(folds.items()):
         check_no_leak(cache, arrays)
-        validation = fold_outputs(arrays, "validation", flip)
+        validation = fold_outputs(arrays, "validation", variant.flip)
         v = validation.indices
-        sizes = MIN_COMPONENT_PIXELS if components else (0,)
+        sizes = MIN_COMPONENT_PIXELS if variant.components else (0,)
         chosen, sweeps = choose_thresholds(validation, cache.masks[v], cache.patients[v], sensitivity, sizes)
-        held_out = fold_outputs(arrays, "held_out", flip)
+        held_out = fold_outputs(arrays, "held_out", variant.flip, variant.flair_only)
         thresholds[k] = {**chosen.__dict__, "sweeps": sweeps}
         indices.append(held_out.indices)
         probabilities.append(held_out.tumor_probability)
@@ -126,10 +142,7 @@ def specificity_at(scores: np.ndarray, labels: np.ndarray, sensitivity: float) -
 def cross_validation_report(
     cache: SliceCache, plan: list[dict], folds: dict[int, np.lib.npyio.NpzFile], args: argparse.Namespace
 ) -> dict:
-    variants = {
-        name: evaluate_variant(cache, folds, flip, components, args.sensitivity)
-        for name, (flip, components) in VARIANTS.items()
-    }
+    variants = {name: evaluate_variant(cache, folds, variant, args.sensitivity) for name, variant in VARIANTS.items()}
     primary = variants[PRIMARY]
     idx, predicted, _ = primary["_predicted"]
     fold_of = {p: k for k, fold in enumerate(plan) for p in fold["held_out"]}

@@ -55,6 +55,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     ema_decay: float = 0.998  # 0 turns the moving average off
     mask_loss: str = "batch_dice"  # batch_dice | slice_dice (training.losses.MASK_LOSSES)
+    missing_sequences: float = 0.0  # share of training slices shown without pre- and/or post-contrast
     seed: int = 42
     autocast: str = "none"  # none | bf16 | fp16 (fp16 with a gradient scaler)
     channels_last: bool = True
@@ -67,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.mask_loss not in MASK_LOSSES:
             raise ValueError(f"mask_loss must be one of {tuple(MASK_LOSSES)}, got {self.mask_loss!r}")
+        if not 0 <= self.missing_sequences <= 1:
+            raise ValueError(f"missing_sequences is a probability, got {self.missing_sequences}")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.mask_loss,
         help="segmentation loss: Dice over the whole batch, or per tumor slice (weighs small tumors up); + BCE",
     )
+    parser.add_argument(
+        "--missing-sequences",
+        type=float,
+        default=defaults.missing_sequences,
+        help="probability that a training slice loses pre- and/or post-contrast (replaced by FLAIR, as in "
+        "studies without them)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument(
@@ -139,6 +149,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> TrainConfig:
         lr=args.lr,
         ema_decay=args.ema_decay,
         mask_loss=args.mask_loss,
+        missing_sequences=args.missing_sequences,
         seed=args.seed,
         autocast=args.autocast,
         channels_last=args.channels_last,
@@ -336,7 +347,12 @@ def fit(
         for step, (images, masks, slice_labels) in enumerate(batches):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, epoch * len(loader) + step, len(loader))
-            images, masks = augment_batch(images.to(runtime.device), masks.to(runtime.device), generator)
+            images, masks = augment_batch(
+                images.to(runtime.device),
+                masks.to(runtime.device),
+                generator,
+                missing_sequences=config.missing_sequences,
+            )
             if config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(runtime.device.type, dtype=amp or torch.float32, enabled=amp is not None):

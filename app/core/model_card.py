@@ -55,6 +55,9 @@ class Hyperparameters(CardModel):
     weight_decay: float | None = None
     ema_decay: float | None = None
     mask_loss: str | None = Field(None, description="Segmentation loss (training MASK_LOSSES); null: batch_dice.")
+    missing_sequences: float | None = Field(
+        None, description="Share of training slices shown without pre-/post-contrast (FLAIR in their place); null: 0."
+    )
     seed: int = Field(description="The --seed the run used.")
     autocast: str
     channels_last: bool

@@ -8,8 +8,10 @@ import pytest
 
 from tests.training.conftest import SyntheticData, run_training
 from training.cv import fold_plan
-from training.cv_report import LeakError, evaluate_variant
+from training.cv_report import PRIMARY, VARIANTS, LeakError, evaluate_variant
 from training.dataset import SliceCache, patient_folds
+
+FLAIR_ONLY = next(name for name, variant in VARIANTS.items() if variant.flair_only)
 
 
 def toy_cache(patients: int = 23, slices: int = 6, seed: int = 0) -> SliceCache:
@@ -64,7 +66,7 @@ def fake_outputs(cache: SliceCache, validation: list[str], held_out: list[str], 
         probability = np.clip(0.2 + 0.6 * truth + shift, 0, 1)
         maps = np.zeros((len(idx), 4, 4), np.float16)
         maps[:, 1:3, 1:3] = (0.1 + 0.8 * truth + shift)[:, None, None]
-        for suffix in ("", "_flip"):
+        for suffix in ("", "_flip", "_flair_only"):
             arrays[f"{part}_tumor_probability{suffix}"] = probability
             arrays[f"{part}_probability_maps{suffix}"] = maps
         arrays[f"{part}_indices"] = idx
@@ -76,7 +78,7 @@ def test_thresholds_do_not_depend_on_held_out_outputs() -> None:
     names = sorted(set(cache.patients.tolist()))
     validation, held_out = names[:6], names[6:]
     runs = [
-        evaluate_variant(cache, {0: fake_outputs(cache, validation, held_out, shift)}, False, True, 0.97)
+        evaluate_variant(cache, {0: fake_outputs(cache, validation, held_out, shift)}, VARIANTS[PRIMARY], 0.97)
         for shift in (0.0, -0.15)  # held-out probabilities change, validation ones do not
     ]
     chosen = [{k: v for k, v in run["thresholds_by_fold"][0].items() if k != "sweeps"} for run in runs]
@@ -89,12 +91,23 @@ def test_thresholds_do_not_depend_on_held_out_outputs() -> None:
     assert runs[0]["patients_tumor_found"] != runs[1]["patients_tumor_found"]  # lowered outputs lose a patient
 
 
+def test_the_flair_only_variant_reads_flair_only_held_out_outputs_with_full_input_thresholds() -> None:
+    cache = toy_cache(patients=12)
+    names = sorted(set(cache.patients.tolist()))
+    arrays = fake_outputs(cache, names[:6], names[6:], 0.0)
+    arrays["validation_probability_maps_flair_only"] = arrays["validation_probability_maps"] * 0  # never read
+    arrays["held_out_probability_maps_flair_only"] = arrays["held_out_probability_maps"] * 0  # finds nothing
+    full, flair = (evaluate_variant(cache, {0: arrays}, VARIANTS[name], 0.97) for name in (PRIMARY, FLAIR_ONLY))
+    assert full["thresholds_by_fold"][0]["segmenter"] == flair["thresholds_by_fold"][0]["segmenter"]
+    assert flair["volume_dice_mean"] < full["volume_dice_mean"]
+
+
 def test_a_planted_leak_is_caught() -> None:
     cache = toy_cache(patients=12)
     names = sorted(set(cache.patients.tolist()))
     leaky = fake_outputs(cache, names[:7], names[6:], 0.0)  # patient 6 both chooses thresholds and is held out
     with pytest.raises(LeakError, match=names[6]):
-        evaluate_variant(cache, {0: leaky}, False, True, 0.97)
+        evaluate_variant(cache, {0: leaky}, VARIANTS[PRIMARY], 0.97)
 
 
 @pytest.mark.slow

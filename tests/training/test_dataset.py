@@ -261,3 +261,32 @@ def test_augment_without_rotation_and_scale_only_flips() -> None:
     unchanged = [torch.allclose(m, masks[0], atol=1e-5) for m in out_masks]
     assert all(f or u for f, u in zip(flipped, unchanged, strict=True))
     assert any(flipped) and any(unchanged)
+
+
+def test_missing_sequences_become_flair_as_preprocessing_makes_them() -> None:
+    """A dropped sequence is FLAIR exactly (what preprocess_slice gives a FLAIR-only slice); the rest is untouched."""
+    images, masks = blob_batch(256)
+    images = images + torch.randn(images.shape, generator=torch.Generator().manual_seed(5))  # channels now differ
+    kept_images, kept_masks = augment_batch(images, masks, torch.Generator().manual_seed(0))
+    out_images, out_masks = augment_batch(images, masks, torch.Generator().manual_seed(0), missing_sequences=0.5)
+    assert torch.equal(out_masks, kept_masks) and torch.equal(out_images[:, 1], kept_images[:, 1])
+    as_flair = (out_images == out_images[:, 1:2]).flatten(2).all(-1)  # (n, 3): channel equals FLAIR
+    untouched = (out_images == kept_images).flatten(2).all(-1)
+    assert (as_flair | untouched).all()
+    pre_only, post_only, both = (
+        (as_flair[:, 0] & ~as_flair[:, 2]).sum(),
+        (~as_flair[:, 0] & as_flair[:, 2]).sum(),
+        as_flair[:, [0, 2]].all(-1).sum(),
+    )
+    assert 70 <= pre_only + post_only + both <= 186  # about half of 256
+    assert min(pre_only, post_only, both) >= 20  # each of the three cases is drawn
+
+
+def test_augment_draws_nothing_extra_without_missing_sequences() -> None:
+    """Runs from before the option (and resumed ones) keep their random stream."""
+    images, masks = blob_batch()
+    generator = torch.Generator().manual_seed(0)
+    augment_batch(images, masks, generator, missing_sequences=0.0)
+    reference = torch.Generator().manual_seed(0)
+    augment_batch(images, masks, reference)
+    assert torch.equal(torch.rand(4, generator=generator), torch.rand(4, generator=reference))

@@ -4,14 +4,19 @@ import itertools
 import math
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from training import fitting
+from training.dataset import SliceCache
 from training.fitting import (
+    Runtime,
     TrainConfig,
     build_network,
     check_same_recipe,
+    fit,
     learning_rate,
     moving_average,
     trainable,
@@ -71,3 +76,34 @@ def test_the_mask_loss_option_reaches_the_training_step() -> None:
     assert losses["batch_dice"] != pytest.approx(losses["slice_dice"])
     with pytest.raises(ValueError, match="mask_loss must be one of"):
         TrainConfig(model="joint", mask_loss="focal")
+
+
+def test_the_missing_sequences_option_reaches_augmentation_and_the_checkpoint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    seen: list[float] = []
+    augment = fitting.augment_batch
+
+    def recording(*args, missing_sequences: float = 0.0, **kwargs):
+        seen.append(missing_sequences)
+        return augment(*args, missing_sequences=missing_sequences, **kwargs)
+
+    monkeypatch.setattr(fitting, "augment_batch", recording)
+    rng = np.random.default_rng(0)
+    cache = SliceCache(
+        images=rng.standard_normal((8, 3, 32, 32)).astype(np.float16),
+        target_masks=np.zeros((8, 1, 32, 32), np.float16),
+        masks=np.zeros((8, 32, 32), bool),
+        patients=np.repeat(["P0", "P1"], 4),
+        numbers=np.tile(np.arange(1, 5), 2),
+    )
+    config = TrainConfig(
+        model="joint", size=32, width=8, blocks=(1, 1, 1, 1), epochs=1, batch_size=4, missing_sequences=0.3
+    )
+    model_file = fit(
+        config, cache, np.arange(8), np.array([], int), tmp_path, Runtime(torch.device("cpu")), progress=False
+    )
+    assert seen == [0.3, 0.3]
+    assert torch.load(model_file, weights_only=False)["config"]["missing_sequences"] == 0.3
+    with pytest.raises(ValueError, match="probability"):
+        TrainConfig(model="joint", missing_sequences=1.5)

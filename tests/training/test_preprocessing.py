@@ -40,6 +40,14 @@ def test_flair_only_equals_the_replicated_three_channel_slice(shape: tuple[int, 
     np.testing.assert_array_equal(to_three_channels(flair), replicated)
 
 
+def test_a_flair_only_slice_is_the_full_slices_flair_plane_three_times() -> None:
+    """What lets CV predict FLAIR-only input from cached inputs, and augmentation drop sequences after preprocessing."""
+    image = random_slice(50, 70)
+    image[..., 0] //= 3
+    full = preprocess_slice(image, 64)
+    np.testing.assert_array_equal(preprocess_slice(image[..., 1], 64), full[[1, 1, 1]])
+
+
 def test_alpha_channel_is_dropped() -> None:
     rgb = random_slice(40, 40)
     rgba = np.concatenate([rgb, np.full((40, 40, 1), 255, np.uint8)], axis=2)
