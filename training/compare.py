@@ -4,7 +4,9 @@ Two cross-validations over the same fold plan predict every patient out of fold,
 the per-patient differences (paired bootstrap over patients): far tighter than comparing two overlapping
 intervals. With `--models`, a shipped model folder is compared too, through the service's own pipeline (decode,
 preprocessing, ONNX Runtime, the card's thresholds and postprocessing), on the patients its card kept out of
-training (its test split; its validation split chose its thresholds and is listed apart).
+training (its test split; its validation split chose its thresholds and is listed apart). `--input flair-only`
+compares every side on FLAIR-only slices instead (the reports' FLAIR-only row; the shipped models fed the FLAIR
+plane alone, as a grayscale upload reaches the service).
 """
 
 import argparse
@@ -17,11 +19,15 @@ import numpy as np
 from app.core.config import Settings
 from app.core.onnx_sessions import load_models, read_model_card
 from app.core.pipeline import Pipeline
+from training.cv_report import FLAIR_ONLY, PRIMARY
 from training.dataset import find_slices, read_image, read_mask
 from training.logs import setup_logging
 from training.metrics import bootstrap_interval, per_volume_dice
 
 log = logging.getLogger("training")
+
+# --input: which cv report variant, and what the shipped models are fed.
+INPUTS = {"full": PRIMARY, "flair-only": FLAIR_ONLY}
 
 
 def load_report(path: Path) -> dict:
@@ -31,8 +37,8 @@ def load_report(path: Path) -> dict:
     return report
 
 
-def held_out_dice(report: dict) -> dict[str, float]:
-    return {row["patient"]: row["volume_dice"] for row in report["per_patient"]}
+def held_out_dice(report: dict, variant: str = PRIMARY) -> dict[str, float]:
+    return report["variants"][variant]["volume_dice_by_patient"]
 
 
 def paired_difference(reference: dict[str, float], other: dict[str, float]) -> dict:
@@ -55,13 +61,14 @@ def paired_difference(reference: dict[str, float], other: dict[str, float]) -> d
     }
 
 
-def shipped_models_dice(model_dir: Path, data: Path, patients: list[str]) -> dict[str, float]:
+def shipped_models_dice(model_dir: Path, data: Path, patients: list[str], flair_only: bool = False) -> dict[str, float]:
     """Per-volume Dice of a model folder on `patients`, slice by slice through the service's pipeline."""
     card = read_model_card(model_dir)
     pipeline = Pipeline(load_models(card, Settings(model_dir=model_dir, providers="CPUExecutionProvider")))
     records = [r for r in find_slices(data) if r.patient in set(patients)]
     truths = np.stack([read_mask(r.mask_path) for r in records])
-    predictions = pipeline.predict_batch([read_image(r.image_path) for r in records])
+    images = [read_image(r.image_path) for r in records]
+    predictions = pipeline.predict_batch([image[..., 1] for image in images] if flair_only else images)
     predicted = np.stack(
         [p.mask if p.mask is not None else np.zeros_like(t) for p, t in zip(predictions, truths, strict=True)]
     )
@@ -74,20 +81,22 @@ def recipe_label(report: dict) -> str:
     return ", ".join(f"{k} {recipe[k]}" for k in shown if k in recipe)
 
 
-def comparison_table(names: list[str], reports: list[dict], shipped: dict[str, dict] | None) -> str:
-    reference = held_out_dice(reports[0])
+def comparison_table(
+    names: list[str], reports: list[dict], shipped: dict[str, dict] | None, variant: str = PRIMARY
+) -> str:
+    reference = held_out_dice(reports[0], variant)
     lines = [
         "| recipe | folds | volume Dice mean [95% CI] | ROC AUC [95% CI] | sensitivity / specificity "
         f"| Dice difference vs {names[0]} [paired 95% CI] | better / worse patients |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, report in zip(names, reports, strict=True):
-        m = report["variants"][report["primary"]]
+        m = report["variants"][variant]
         flag = m["detection_final_flag"]
         if report is reports[0]:
             change = "reference | "
         else:
-            d = paired_difference(reference, held_out_dice(report))
+            d = paired_difference(reference, held_out_dice(report, variant))
             low, high = d["mean_difference_95ci"]
             change = f"{d['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}] ({d['patients']} patients) "
             change += f"| {d['better']} / {d['worse']}"
@@ -106,7 +115,7 @@ def comparison_table(names: list[str], reports: list[dict], shipped: dict[str, d
         ]
         for split, dice in shipped.items():
             for name, report in zip(names, reports, strict=True):
-                d = paired_difference(dice, held_out_dice(report))
+                d = paired_difference(dice, held_out_dice(report, variant))
                 low, high = d["mean_difference_95ci"]
                 lines.append(
                     f"| {split} split, {name} | {d['patients']} | {d['reference_mean']:.3f} | {d['other_mean']:.3f} "
@@ -123,8 +132,11 @@ def run(args: argparse.Namespace) -> str:
     if args.models:
         split = read_model_card(Path(args.models)).card.data.split_patients
         model_dir, data = Path(args.models), Path(args.data)
-        shipped = {part: shipped_models_dice(model_dir, data, split[part]) for part in ("test", "val")}
-    table = comparison_table(names, reports, shipped)
+        flair_only = args.input == "flair-only"
+        shipped = {part: shipped_models_dice(model_dir, data, split[part], flair_only) for part in ("test", "val")}
+    table = f"Input: {args.input} ({INPUTS[args.input]})\n\n" + comparison_table(
+        names, reports, shipped, INPUTS[args.input]
+    )
     print(table)
     if args.out:
         Path(args.out).write_text(table)
@@ -135,4 +147,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("cv_dirs", nargs="+", help="cv --out folders; the first is the reference")
     parser.add_argument("--models", help="a shipped model folder to compare on the patients its card kept apart")
     parser.add_argument("--data", default="../shared/data/lgg", help="kaggle_3m-layout folder (with --models)")
+    parser.add_argument("--input", choices=list(INPUTS), default="full", help="compare on full or FLAIR-only slices")
     parser.add_argument("--out", help="also write the table (markdown) here")

@@ -43,6 +43,7 @@ VARIANTS = {
     "pipeline, small components removed, FLAIR-only input": Variant(flip=False, components=True, flair_only=True),
 }
 PRIMARY = next(iter(VARIANTS))
+FLAIR_ONLY = next(name for name, variant in VARIANTS.items() if variant.flair_only)
 RECIPE_OPTIONS = (
     "networks", "size", "width", "blocks", "epochs", "warmup_epochs", "batch_size", "lr", "ema_decay", "mask_loss",
     "missing_sequences", "seed", "autocast",

@@ -6,26 +6,30 @@ from pathlib import Path
 import pytest
 
 from training.compare import comparison_table, paired_difference, shipped_models_dice
+from training.cv_report import FLAIR_ONLY, PRIMARY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def cv_report(dice: dict[str, float], mask_loss: str) -> dict:
+def cv_report(dice: dict[str, float], mask_loss: str, flair_only_dice: dict[str, float] | None = None) -> dict:
     """The parts of a cv report.json that compare reads."""
-    variant = {
-        "volume_dice_mean": sum(dice.values()) / len(dice),
-        "volume_dice_mean_95ci": (0.0, 1.0),
-        "roc_auc": 0.9,
-        "roc_auc_95ci": (0.8, 1.0),
-        "detection_final_flag": {"sensitivity": 0.9, "specificity": 0.95},
-    }
+
+    def variant(by_patient: dict[str, float]) -> dict:
+        return {
+            "volume_dice_mean": sum(by_patient.values()) / len(by_patient),
+            "volume_dice_mean_95ci": (0.0, 1.0),
+            "roc_auc": 0.9,
+            "roc_auc_95ci": (0.8, 1.0),
+            "detection_final_flag": {"sensitivity": 0.9, "specificity": 0.95},
+            "volume_dice_by_patient": by_patient,
+        }
+
     return {
         "folds": 5,
         "folds_complete": [0, 1, 2, 3, 4],
         "recipe": {"size": 128, "mask_loss": mask_loss},
-        "primary": "pipeline",
-        "variants": {"pipeline": variant},
-        "per_patient": [{"patient": p, "volume_dice": d} for p, d in dice.items()],
+        "primary": PRIMARY,
+        "variants": {PRIMARY: variant(dice), FLAIR_ONLY: variant(flair_only_dice or dice)},
     }
 
 
@@ -53,6 +57,15 @@ def test_a_consistent_gain_has_an_interval_above_zero_that_overlapping_intervals
     )
     assert "| reference |" in table and "+0.020 [+0.020, +0.020] (20 patients) | 20 / 0 |" in table
     assert "mask_loss slice_dice" in table
+
+
+def test_flair_only_comparison_reads_each_reports_flair_only_row() -> None:
+    full = {f"P{i}": 0.8 for i in range(10)}
+    baseline = cv_report(full, "batch_dice", {p: 0.5 for p in full})
+    robust = cv_report(full, "batch_dice", {p: 0.7 for p in full})
+    assert "+0.000 [+0.000, +0.000] (10 patients)" in comparison_table(["a", "b"], [baseline, robust], None)
+    flair_only = comparison_table(["a", "b"], [baseline, robust], None, FLAIR_ONLY)
+    assert "| 0.500 [" in flair_only and "+0.200 [+0.200, +0.200] (10 patients) | 10 / 0 |" in flair_only
 
 
 @pytest.mark.real_data

@@ -8,10 +8,8 @@ import pytest
 
 from tests.training.conftest import SyntheticData, run_training
 from training.cv import fold_plan
-from training.cv_report import PRIMARY, VARIANTS, LeakError, evaluate_variant
+from training.cv_report import FLAIR_ONLY, PRIMARY, VARIANTS, LeakError, evaluate_variant
 from training.dataset import SliceCache, patient_folds
-
-FLAIR_ONLY = next(name for name, variant in VARIANTS.items() if variant.flair_only)
 
 
 def toy_cache(patients: int = 23, slices: int = 6, seed: int = 0) -> SliceCache:
