@@ -131,9 +131,15 @@ def run(args: argparse.Namespace) -> str:
     shipped = None
     if args.models:
         split = read_model_card(Path(args.models)).card.data.split_patients
+        held_out = {part: split[part] for part in ("test", "val") if split.get(part)}
+        if not held_out:
+            raise SystemExit(
+                f"{args.models} was trained on every patient (its card keeps none apart): no patient to compare it "
+                "on; its recipe's cross-validation is its measurement"
+            )
         model_dir, data = Path(args.models), Path(args.data)
         flair_only = args.input == "flair-only"
-        shipped = {part: shipped_models_dice(model_dir, data, split[part], flair_only) for part in ("test", "val")}
+        shipped = {part: shipped_models_dice(model_dir, data, names, flair_only) for part, names in held_out.items()}
     table = f"Input: {args.input} ({INPUTS[args.input]})\n\n" + comparison_table(
         names, reports, shipped, INPUTS[args.input]
     )

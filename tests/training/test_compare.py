@@ -1,12 +1,20 @@
 """Recipes compared as paired per-patient differences; shipped models measured through the service's pipeline."""
 
+import argparse
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from training.compare import comparison_table, paired_difference, shipped_models_dice
+from app.core.config import Settings
+from app.core.onnx_sessions import load_models, read_model_card
+from training.compare import comparison_table, paired_difference, run, shipped_models_dice
 from training.cv_report import FLAIR_ONLY, PRIMARY
+from training.dataset import load_cache
+from training.metrics import per_volume_dice
+from training.selection import Outputs, Thresholds, pipeline_masks
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,13 +77,47 @@ def test_flair_only_comparison_reads_each_reports_flair_only_row() -> None:
 
 
 @pytest.mark.real_data
-def test_shipped_models_through_the_service_pipeline_match_their_recorded_evaluation(real_data_dir: Path) -> None:
-    """The bundled models' evaluation (PyTorch, at export time) recorded per-patient Dice on their test split;
-    the service's pipeline (decode, preprocessing, ONNX Runtime, card thresholds) must reproduce it."""
-    recorded = json.loads((REPO_ROOT / "docs/evaluation/report.json").read_text())
-    recorded = recorded["metrics"]["test"]["segmentation_pipeline"]["volume_dice_by_patient"]
-    patients = sorted(recorded)[:3]
-    measured = shipped_models_dice(REPO_ROOT / "models", real_data_dir, patients)
-    assert sorted(measured) == patients
+def test_service_pipeline_gives_the_training_pipelines_dice(real_data_dir: Path, tmp_path: Path) -> None:
+    """`compare --models` measures the bundled models through the service (files decoded by app.core.codecs,
+    preprocessed, ONNX Runtime, the card's thresholds and postprocessing); the CV reports measure recipes through
+    training's pipeline (the slice cache, `pipeline_masks`). With the same ONNX sessions on three real patients,
+    both must give the same per-patient Dice, or the two sides of a comparison would not measure the same thing."""
+    patients = sorted(p.name for p in real_data_dir.iterdir() if p.is_dir())[:3]
+    subset = tmp_path / "lgg"
+    subset.mkdir()
     for patient in patients:
-        assert measured[patient] == pytest.approx(recorded[patient], abs=2e-3), patient
+        (subset / patient).symlink_to(real_data_dir / patient)
+    card = read_model_card(REPO_ROOT / "models")
+    cache = load_cache(subset, card.input_size, tmp_path / "cache")
+    models = load_models(card, Settings(model_dir=REPO_ROOT / "models", providers="CPUExecutionProvider"))
+    images = cache.images.astype(np.float32)  # the cache keeps float16
+    outputs = Outputs(np.arange(len(images)), models.classifier.run(images)[:, 0], models.segmenter.run(images)[:, 0])
+    postprocessing = card.card.postprocessing
+    thresholds = Thresholds(
+        card.classifier.threshold,
+        card.segmenter.threshold,
+        (postprocessing and postprocessing.min_component_pixels) or 0,
+    )
+    training_side = per_volume_dice(
+        pipeline_masks(outputs, cache.masks.shape[1:], thresholds), cache.masks, cache.patients
+    )
+    service_side = shipped_models_dice(REPO_ROOT / "models", subset, patients)
+    assert sorted(service_side) == patients
+    assert any(cache.masks[cache.patients == p].any() for p in patients)  # Dice of a tumor, not only of empty slices
+    for patient in patients:
+        assert service_side[patient] == pytest.approx(training_side[patient], abs=2e-3), patient
+
+
+def test_models_trained_on_every_patient_are_not_compared_on_their_training_patients(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(REPO_ROOT / "models", models)
+    card = json.loads((models / "model_card.json").read_text())
+    everyone = sorted(p for part in card["data"]["split_patients"].values() for p in part)
+    card["data"]["split_patients"] = {"train": everyone, "val": [], "test": []}
+    (models / "model_card.json").write_text(json.dumps(card))
+    report = tmp_path / "cv"
+    report.mkdir()
+    (report / "report.json").write_text(json.dumps(cv_report({"P0": 0.8}, "batch_dice")))
+    args = argparse.Namespace(cv_dirs=[str(report)], models=str(models), data="unused", input="full", out=None)
+    with pytest.raises(SystemExit, match="trained on every patient"):
+        run(args)
