@@ -12,7 +12,7 @@ from app.core.config import Settings
 from app.core.deadline import UNLIMITED, Deadline
 from app.core.onnx_sessions import LoadedModels, load_models, read_model_card
 from app.core.pipeline import BatchTimings, ModelOutput, Pipeline, PreparedSlice, SlicePrediction
-from app.core.preprocessing import mask_to_input_size
+from app.core.postprocessing import slice_mask
 from tests.service.conftest import segmenter_map, synthetic_slice
 
 
@@ -53,7 +53,8 @@ def test_mask_is_the_shared_postprocessing_of_the_segmenter_map(models: LoadedMo
     probability_map = segmenter_map(bundled_models_dir, image)
     pipeline.segmenter_threshold = float(np.median(probability_map))
     [prediction] = pipeline.predict_batch([image])
-    expected = mask_to_input_size(probability_map, 300, 220, pipeline.segmenter_threshold)
+    # the card's minimum component size applies too (scaled to the slice's size)
+    expected = slice_mask(probability_map, 300, 220, pipeline.segmenter_threshold, pipeline.min_component_pixels)
     assert 0 < expected.sum() < expected.size
     np.testing.assert_array_equal(prediction.mask, expected)
 
