@@ -6,6 +6,7 @@ inner validation patients for every variant), so their rows differ only by that 
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,7 +25,14 @@ from training.metrics import (
     roc_auc,
     segmentation_metrics,
 )
-from training.selection import MIN_COMPONENT_PIXELS, Outputs, choose_thresholds, pipeline_masks
+from training.selection import (
+    MIN_COMPONENT_PIXELS,
+    Outputs,
+    choose_thresholds,
+    detection_score,
+    largest_component_per_patient,
+    pipeline_masks,
+)
 
 
 class Variant(NamedTuple):
@@ -33,6 +41,7 @@ class Variant(NamedTuple):
     # Held-out slices shown as FLAIR only (a study without pre- and post-contrast, or a grayscale upload);
     # thresholds are still chosen on the full inputs, as the shipped card's are.
     flair_only: bool = False
+    largest_component: bool = False  # the series routes' option: only the largest 3-D tumor region kept
 
 
 # The first is the recipe's, fixed before any result.
@@ -41,6 +50,9 @@ VARIANTS = {
     "pipeline, no component removal": Variant(flip=False, components=False),
     "pipeline, small components removed, flip averaging": Variant(flip=True, components=True),
     "pipeline, small components removed, FLAIR-only input": Variant(flip=False, components=True, flair_only=True),
+    "pipeline, small components removed, largest 3-D region": Variant(
+        flip=False, components=True, largest_component=True
+    ),
 }
 PRIMARY = next(iter(VARIANTS))
 FLAIR_ONLY = next(name for name, variant in VARIANTS.items() if variant.flair_only)
@@ -83,7 +95,7 @@ def evaluate_variant(
 ) -> dict:
     """Thresholds per fold on its inner validation patients, applied to its held-out patients; then pooled."""
     shape = cache.masks.shape[1:]
-    indices, probabilities, masks, thresholds = [], [], [], {}
+    indices, probabilities, scores, masks, thresholds = [], [], [], [], {}
     for k, arrays in sorted(folds.items()):
         check_no_leak(cache, arrays)
         validation = fold_outputs(arrays, "validation", variant.flip)
@@ -94,10 +106,13 @@ def evaluate_variant(
         thresholds[k] = {**chosen.__dict__, "sweeps": sweeps}
         indices.append(held_out.indices)
         probabilities.append(held_out.tumor_probability)
+        scores.append(detection_score(held_out))
         masks.append(pipeline_masks(held_out, shape, chosen))
     idx = np.concatenate(indices)
-    probability, predicted = np.concatenate(probabilities), np.concatenate(masks)
+    probability, score, predicted = np.concatenate(probabilities), np.concatenate(scores), np.concatenate(masks)
     truths, patients, labels = cache.masks[idx], cache.patients[idx], cache.labels[idx]
+    if variant.largest_component:
+        predicted = largest_component_per_patient(predicted, patients, cache.numbers[idx])
     segmentation = segmentation_metrics(predicted, truths, patients)
     by_patient = segmentation["volume_dice_by_patient"]
     names = sorted(by_patient)
@@ -108,10 +123,13 @@ def evaluate_variant(
         [p >= thresholds[k]["classifier"] for k, p in zip(sorted(folds), probabilities, strict=True)]
     )
 
-    def auc_of(drawn: list[str]) -> float:
-        # Each drawn patient's slices, as many times as the patient was drawn.
-        take = np.concatenate([np.flatnonzero(patients == p) for p in drawn])
-        return roc_auc(probability[take], labels[take])
+    def auc_of(values: np.ndarray) -> Callable[[list[str]], float]:
+        def auc(drawn: list[str]) -> float:
+            # Each drawn patient's slices, as many times as the patient was drawn.
+            take = np.concatenate([np.flatnonzero(patients == p) for p in drawn])
+            return roc_auc(values[take], labels[take])
+
+        return auc
 
     return {
         "patients": len(names),
@@ -122,11 +140,15 @@ def evaluate_variant(
         "volume_dice_median_95ci": bootstrap_interval(names, lambda d: float(np.median([by_patient[p] for p in d]))),
         "tumor_slice_dice_mean": segmentation["tumor_slice_dice_mean"],
         "roc_auc": roc_auc(probability, labels),
-        "roc_auc_95ci": bootstrap_interval(names, auc_of, samples=500),
+        "roc_auc_95ci": bootstrap_interval(names, auc_of(probability), samples=500),
         "patients_tumor_found": [sum(found), len(found)],
         "detection_final_flag": decision_metrics(predicted.reshape(len(idx), -1).any(axis=1), labels),
         "detection_classifier_alone": decision_metrics(flagged, labels),
         "specificity_at_sensitivity_0.95": specificity_at(probability, labels, 0.95),
+        # Does the segmenter's evidence separate slices better than the classifier alone? (issue #8, item 3)
+        "detection_score_roc_auc": roc_auc(score, labels),
+        "detection_score_roc_auc_95ci": bootstrap_interval(names, auc_of(score), samples=500),
+        "detection_score_specificity_at_sensitivity_0.95": specificity_at(score, labels, 0.95),
         "thresholds_by_fold": thresholds,
         "volume_dice_by_patient": by_patient,
         "_predicted": (idx, predicted, probability),
@@ -184,8 +206,10 @@ def cross_validation_report(
 def markdown_table(report: dict) -> str:
     lines = [
         "| variant | volume Dice mean [95% CI] | median [95% CI] | tumor-slice Dice | ROC AUC [95% CI] "
-        "| sensitivity / specificity (final flag) | specificity at sensitivity 0.95 | patients with tumor found |",
-        "|---|---|---|---|---|---|---|---|",
+        "| sensitivity / specificity (final flag) | specificity at sensitivity 0.95 "
+        "| sqrt(classifier x segmenter peak): ROC AUC [95% CI], specificity at sensitivity 0.95 "
+        "| patients with tumor found |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["variants"].items():
         flag = m["detection_final_flag"]
@@ -195,7 +219,10 @@ def markdown_table(report: dict) -> str:
             f"[{m['volume_dice_median_95ci'][0]:.3f}, {m['volume_dice_median_95ci'][1]:.3f}] "
             f"| {m['tumor_slice_dice_mean']:.3f} | {m['roc_auc']:.4f} [{m['roc_auc_95ci'][0]:.4f}, "
             f"{m['roc_auc_95ci'][1]:.4f}] | {flag['sensitivity']:.3f} / {flag['specificity']:.3f} "
-            f"| {m['specificity_at_sensitivity_0.95']:.3f} | {'/'.join(map(str, m['patients_tumor_found']))} |"
+            f"| {m['specificity_at_sensitivity_0.95']:.3f} | {m['detection_score_roc_auc']:.4f} "
+            f"[{m['detection_score_roc_auc_95ci'][0]:.4f}, {m['detection_score_roc_auc_95ci'][1]:.4f}], "
+            f"{m['detection_score_specificity_at_sensitivity_0.95']:.3f} "
+            f"| {'/'.join(map(str, m['patients_tumor_found']))} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.core.postprocessing import slice_mask
+from app.core.postprocessing import keep_largest_component, slice_mask
 from training.metrics import per_volume_dice, threshold_for_sensitivity
 
 SEGMENTER_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.1, 0.71, 0.05), 2))
@@ -32,6 +32,23 @@ class Outputs:
 
     def subset(self, keep: np.ndarray) -> "Outputs":
         return Outputs(self.indices[keep], self.tumor_probability[keep], self.probability_maps[keep])
+
+
+def largest_component_per_patient(masks: np.ndarray, patients: np.ndarray, numbers: np.ndarray) -> np.ndarray:
+    """The series routes' `largest_component` option on pooled slices: each patient's slices stacked in order."""
+    kept = masks.copy()
+    for patient in np.unique(patients):
+        rows = np.flatnonzero(patients == patient)
+        rows = rows[np.argsort(numbers[rows])]
+        kept[rows] = keep_largest_component(masks[rows])
+    return kept
+
+
+def detection_score(outputs: Outputs) -> np.ndarray:
+    """The classifier's and the segmenter's evidence together: sqrt(tumor probability x the map's highest
+    probability). Measured beside the classifier alone; the service's flag is the AND rule, not this score."""
+    peak = outputs.probability_maps.reshape(len(outputs.indices), -1).max(axis=1).astype(np.float32)
+    return np.sqrt(outputs.tumor_probability.astype(np.float32) * peak)
 
 
 def pipeline_masks(

@@ -10,6 +10,7 @@ from tests.training.conftest import SyntheticData, run_training
 from training.cv import fold_plan
 from training.cv_report import FLAIR_ONLY, PRIMARY, VARIANTS, LeakError, evaluate_variant
 from training.dataset import SliceCache, patient_folds
+from training.selection import Outputs, detection_score, largest_component_per_patient
 
 
 def toy_cache(patients: int = 23, slices: int = 6, seed: int = 0) -> SliceCache:
@@ -98,6 +99,35 @@ def test_the_flair_only_variant_reads_flair_only_held_out_outputs_with_full_inpu
     full, flair = (evaluate_variant(cache, {0: arrays}, VARIANTS[name], 0.97) for name in (PRIMARY, FLAIR_ONLY))
     assert full["thresholds_by_fold"][0]["segmenter"] == flair["thresholds_by_fold"][0]["segmenter"]
     assert flair["volume_dice_mean"] < full["volume_dice_mean"]
+
+
+def test_the_detection_score_adds_the_segmenters_evidence_to_the_classifiers() -> None:
+    cache = toy_cache(patients=12)
+    names = sorted(set(cache.patients.tolist()))
+    arrays = fake_outputs(cache, names[:6], names[6:], 0.0)
+    rng = np.random.default_rng(1)
+    held_out = len(arrays["held_out_indices"])
+    arrays["held_out_tumor_probability"] = rng.uniform(0.3, 0.9, held_out).astype(np.float32)  # no signal
+    report = evaluate_variant(cache, {0: arrays}, VARIANTS[PRIMARY], 0.97)
+    assert report["roc_auc"] < 0.8 and report["detection_score_roc_auc"] == 1.0  # the maps follow the truth
+    outputs = Outputs(np.arange(2), np.array([0.9, 0.9], np.float32), np.zeros((2, 4, 4), np.float16))
+    outputs.probability_maps[1, 0, 0] = 0.4
+    np.testing.assert_allclose(detection_score(outputs), [0.0, 0.6], atol=1e-3)  # no segmenter pixel: score 0
+
+
+def test_the_largest_region_is_kept_per_patient_with_slices_stacked_in_order() -> None:
+    masks = np.zeros((5, 8, 8), bool)
+    patients = np.array(["A", "B", "A", "A", "B"])
+    numbers = np.array([3, 1, 1, 2, 2])
+    # A: one region through slices 1-3 (slice 2 joins the other two): 30 pixels, in one piece only in slice order
+    masks[2, 1:4, 0:2] = True  # slice 1
+    masks[3, 1:4, 0:6] = True  # slice 2
+    masks[0, 1:4, 4:6] = True  # slice 3
+    masks[2, 6:8, 6:8] = True  # A: a separate 4-pixel region on slice 1
+    masks[1, 0, 0] = True  # B: one pixel, smaller than A's stray region, yet B's largest
+    kept = largest_component_per_patient(masks, patients, numbers)
+    assert kept[[0, 2, 3]].sum() == 30 and not kept[2, 6:8, 6:8].any()
+    assert kept[1, 0, 0] and kept.sum() == 31
 
 
 def test_a_planted_leak_is_caught() -> None:
