@@ -10,6 +10,7 @@ Every epoch is checkpointed; rerunning the command continues where it stopped.
 import argparse
 import json
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -96,12 +97,27 @@ def predict_fold(fold_dir: Path, cache: SliceCache, fold: dict[str, list[str]], 
     partial.replace(out)
 
 
+def reuse_classifier(source: Path, plan: list[dict[str, list[str]]], k: int, fold_dir: Path) -> None:
+    """Start fold k's classifier from another CV's: a recipe that changes only the segmenter need not retrain it.
+
+    The copy is resumed like any checkpoint, so fit() refuses it unless its recipe is this one's classifier's."""
+    target = fold_dir / "classifier"
+    if target.exists() or not (source / f"fold{k}" / "classifier").exists():
+        return
+    if json.loads((source / "folds.json").read_text()) != plan:
+        raise SystemExit(f"--classifiers-from {source}: another fold plan; its classifiers held out other patients")
+    shutil.copytree(source / f"fold{k}" / "classifier", target)
+    log.info("fold %d: classifier copied from %s", k + 1, source)
+
+
 def run(args: argparse.Namespace) -> dict | None:
     out = Path(args.out)
     setup_logging(out / "cv.log")
     if args.threads:
         torch.set_num_threads(args.threads)
     configs = [config_from_args(args, model) for model in NETWORKS[args.networks]]
+    if args.classifiers_from and args.networks != "separate":
+        raise SystemExit("--classifiers-from needs --networks separate")
     cache = load_cache(Path(args.data), configs[0].size, Path(args.cache_dir))
     plan = fold_plan(cache, args.folds, configs[0].seed, out / "folds.json")
     check_one_recipe(configs[-1], out / RECIPE_FILE)  # the model field tells joint from separate
@@ -119,6 +135,8 @@ def run(args: argparse.Namespace) -> dict | None:
             len(fold["validation"]),
             len(fold["held_out"]),
         )
+        if args.classifiers_from:
+            reuse_classifier(Path(args.classifiers_from), plan, k, fold_dir)
         for config in configs:
             fit(
                 config,
@@ -149,6 +167,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default="runs/cv", help="folds.json, fold<k>/ checkpoints and outputs, the report")
     parser.add_argument("--only-folds", type=int, nargs="+", help="train these folds only (e.g. one per machine)")
+    parser.add_argument(
+        "--classifiers-from",
+        help="another --networks separate CV on the same folds: start each fold's classifier from its checkpoints "
+        "(for a recipe that changes only the segmenter; refused if the classifier's recipe differs)",
+    )
     parser.add_argument(
         "--sensitivity",
         type=float,

@@ -54,7 +54,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     ema_decay: float = 0.998  # 0 turns the moving average off
-    mask_loss: str = "batch_dice"  # batch_dice | slice_dice (training.losses.MASK_LOSSES)
+    mask_loss: str = "batch_dice"  # batch_dice | slice_dice | tversky (training.losses.MASK_LOSSES)
     missing_sequences: float = 0.0  # share of training slices shown without pre- and/or post-contrast
     seed: int = 42
     autocast: str = "none"  # none | bf16 | fp16 (fp16 with a gradient scaler)
@@ -114,7 +114,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--mask-loss",
         choices=list(MASK_LOSSES),
         default=defaults.mask_loss,
-        help="segmentation loss: Dice over the whole batch, or per tumor slice (weighs small tumors up); + BCE",
+        help="segmentation loss: Dice over the whole batch, Dice per tumor slice (weighs small tumors up), or "
+        "Tversky (a missed tumor pixel costs 0.7, a false one 0.3: weighs recall up); + BCE",
     )
     parser.add_argument(
         "--missing-sequences",
@@ -148,7 +149,8 @@ def config_from_args(args: argparse.Namespace, model: str) -> TrainConfig:
         batch_size=args.batch_size,
         lr=args.lr,
         ema_decay=args.ema_decay,
-        mask_loss=args.mask_loss,
+        # A classifier has no mask: its recipe must not change with the mask loss (cv --classifiers-from).
+        mask_loss=args.mask_loss if model != "classifier" else TrainConfig.mask_loss,
         missing_sequences=args.missing_sequences,
         seed=args.seed,
         autocast=args.autocast,

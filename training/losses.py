@@ -23,6 +23,20 @@ def per_slice_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: floa
     return 1 - dice.mean()
 
 
+def tversky_loss(
+    logits: torch.Tensor, target: torch.Tensor, fp_weight: float = 0.3, fn_weight: float = 0.7, smooth: float = 1.0
+) -> torch.Tensor:
+    """1 - Tversky index over the batch (Salehi et al. 2017): a missed tumor pixel costs fn_weight / fp_weight
+    times a false one (Dice weighs both 0.5), against under-segmented tumors."""
+    probability = torch.sigmoid(logits)
+    true_positive = (probability * target).sum()
+    false_positive = (probability * (1 - target)).sum()
+    false_negative = ((1 - probability) * target).sum()
+    return 1 - (true_positive + smooth) / (
+        true_positive + fp_weight * false_positive + fn_weight * false_negative + smooth
+    )
+
+
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Dice drives overlap on the rare tumor pixels; BCE keeps per-pixel gradients well behaved."""
     return soft_dice_loss(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
@@ -33,8 +47,13 @@ def per_slice_dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch
     return per_slice_dice_loss(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
 
 
+def tversky_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """As dice_bce_loss, with the Tversky index in place of Dice (weighs recall up)."""
+    return tversky_loss(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
+
+
 # --mask-loss: the segmentation loss of a run, by name (saved in its config and the model card).
-MASK_LOSSES = {"batch_dice": dice_bce_loss, "slice_dice": per_slice_dice_bce_loss}
+MASK_LOSSES = {"batch_dice": dice_bce_loss, "slice_dice": per_slice_dice_bce_loss, "tversky": tversky_bce_loss}
 
 
 def weighted_bce_loss(logits: torch.Tensor, labels: torch.Tensor, positive_weight: float) -> torch.Tensor:

@@ -204,3 +204,17 @@ def test_cv_with_separate_networks_trains_both_per_fold_and_keeps_its_recipe(
     assert len(report["per_patient"]) == 10
     with pytest.raises(AssertionError, match="another recipe"):  # the joint recipe is another CV
         run_training(*common)
+
+    # A segmenter-only change reuses the folds' classifiers: same weights, a new segmenter.
+    other = [arg if arg != tmp_path / "cv" else tmp_path / "cv-tversky" for arg in common]
+    reuse = ["--networks", "separate", "--classifiers-from", tmp_path / "cv"]
+    log = run_training(*other, *reuse, "--mask-loss", "tversky", "--only-folds", "0")
+    assert "classifier copied from" in log
+    first, second = (tmp_path / run / "fold0" for run in ("cv", "cv-tversky"))
+    assert (first / "classifier" / "model.pt").read_bytes() == (second / "classifier" / "model.pt").read_bytes()
+    assert (first / "segmenter" / "model.pt").read_bytes() != (second / "segmenter" / "model.pt").read_bytes()
+    assert json.loads((tmp_path / "cv-tversky" / "report.json").read_text())["recipe"]["mask_loss"] == "tversky"
+    # ... and only when the classifier's recipe is the same.
+    refused = [arg if arg != tmp_path / "cv" else tmp_path / "cv-missing" for arg in common]
+    with pytest.raises(AssertionError, match=r"another recipe \(missing_sequences"):
+        run_training(*refused, *reuse, "--missing-sequences", "0.5")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.losses import dice_bce_loss, per_slice_dice_loss, soft_dice_loss, weighted_bce_loss
+from training.losses import dice_bce_loss, per_slice_dice_loss, soft_dice_loss, tversky_loss, weighted_bce_loss
 from training.metrics import detection_metrics, dice_score, per_volume_dice, roc_auc, threshold_for_sensitivity
 
 
@@ -117,6 +117,24 @@ def test_soft_dice_loss_over_the_batch_with_empty_slices() -> None:
     # A correct empty prediction on an empty slice costs nothing (smooth term), not a Dice of 0.
     empty = torch.zeros(2, 1, 4, 4)
     assert soft_dice_loss(torch.full_like(empty, -30.0), empty).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_tversky_loss_costs_a_missed_tumor_pixel_more_than_a_false_one() -> None:
+    # 16 tumor pixels; one prediction misses 8 of them, the other adds 8 false ones: Dice cannot tell them apart.
+    target = torch.zeros(1, 1, 8, 8)
+    target[0, 0, :4, :4] = 1
+    under, over = torch.full_like(target, -30.0), torch.full_like(target, -30.0)
+    under[0, 0, :2, :4] = 30.0
+    over[0, 0, :6, :4] = 30.0
+    assert soft_dice_loss(under, target).item() == pytest.approx(1 - 17 / 25, abs=1e-4)
+    assert soft_dice_loss(over, target).item() == pytest.approx(1 - 33 / 41, abs=1e-4)
+    # Tversky: TP / (TP + 0.3 FP + 0.7 FN), + 1 smoothing on both sides.
+    assert tversky_loss(under, target).item() == pytest.approx(1 - 9 / (9 + 0.7 * 8), abs=1e-4)
+    assert tversky_loss(over, target).item() == pytest.approx(1 - 17 / (17 + 0.3 * 8), abs=1e-4)
+    assert tversky_loss(under, target).item() > 2 * tversky_loss(over, target).item()
+    # With weights of 0.5 and no smoothing it is the Dice loss.
+    dice = soft_dice_loss(under, target, smooth=0).item()
+    assert tversky_loss(under, target, fp_weight=0.5, fn_weight=0.5, smooth=0).item() == pytest.approx(dice, abs=1e-4)
 
 
 def test_per_slice_dice_loss_weighs_a_missed_small_tumor_like_a_large_one() -> None:
