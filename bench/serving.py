@@ -201,6 +201,8 @@ def measure_service(
         env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
     name = f"service-{models.name}-{provider}-{workers}"
     with metrics_dir, uvicorn_server(name, SERVICE_APP, env, workers=workers) as server:
+        # What the server says it serves: the null card's version ends in "-null".
+        config["card_version"] = httpx.get(server.url + "/v1/models", timeout=10).json()["card"]["version"]
         for route, path, bodies, slices_per_request, shape in runs:
             before = classifier_batches(server.url)
             processes = default_processes(shape.concurrency)
