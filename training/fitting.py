@@ -31,7 +31,7 @@ from app.core.preprocessing import mask_to_input_size
 from training.checkpoints import MODEL_FILE, RESUME_FILE, classifier_of
 from training.dataset import SliceCache, SliceDataset, augment_batch
 from training.inference import predict
-from training.losses import MASK_LOSSES, weighted_bce_loss
+from training.losses import MASK_LOSSES, mask_loss, weighted_bce_loss
 from training.metrics import per_volume_dice, roc_auc
 from training.networks import BothHeads, build_model, load_matching_weights
 
@@ -202,16 +202,17 @@ def trainable(config: TrainConfig, model: nn.Module) -> nn.Module:
 def training_loss(
     config: TrainConfig, net: nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, pos: float
 ) -> torch.Tensor:
-    """Class-weighted BCE for the slice label, Dice + BCE for the mask, or both for a joint network.
+    """Class-weighted BCE for the slice label, the --mask-loss term + BCE for the mask, or both for a joint network.
 
     `net` is `trainable(config, model)`, possibly inside DistributedDataParallel."""
     if config.model == "classifier":
         return weighted_bce_loss(net(images).float()[:, 0], labels, pos)
-    mask_loss = MASK_LOSSES[config.mask_loss]
     if config.model == "segmenter":
-        return mask_loss(net(images).float(), masks)
+        return mask_loss(config.mask_loss, net(images).float(), masks)
     mask_logits, tumor_logit = net(images)
-    return mask_loss(mask_logits.float(), masks) + weighted_bce_loss(tumor_logit.float()[:, 0], labels, pos)
+    return mask_loss(config.mask_loss, mask_logits.float(), masks) + weighted_bce_loss(
+        tumor_logit.float()[:, 0], labels, pos
+    )
 
 
 def validate(config: TrainConfig, model: nn.Module, cache: SliceCache, indices: np.ndarray) -> dict[str, float]:

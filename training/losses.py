@@ -37,23 +37,13 @@ def tversky_loss(
     )
 
 
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Dice drives overlap on the rare tumor pixels; BCE keeps per-pixel gradients well behaved."""
-    return soft_dice_loss(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
+# --mask-loss: the overlap term of a run's segmentation loss, by name (saved in its config and the model card).
+MASK_LOSSES = {"batch_dice": soft_dice_loss, "slice_dice": per_slice_dice_loss, "tversky": tversky_loss}
 
 
-def per_slice_dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """As dice_bce_loss, with the Dice term per tumor slice (weighs small tumors up)."""
-    return per_slice_dice_loss(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
-
-
-def tversky_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """As dice_bce_loss, with the Tversky index in place of Dice (weighs recall up)."""
-    return tversky_loss(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
-
-
-# --mask-loss: the segmentation loss of a run, by name (saved in its config and the model card).
-MASK_LOSSES = {"batch_dice": dice_bce_loss, "slice_dice": per_slice_dice_bce_loss, "tversky": tversky_bce_loss}
+def mask_loss(name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The named overlap term drives overlap on the rare tumor pixels; BCE keeps per-pixel gradients well behaved."""
+    return MASK_LOSSES[name](logits, target) + F.binary_cross_entropy_with_logits(logits, target)
 
 
 def weighted_bce_loss(logits: torch.Tensor, labels: torch.Tensor, positive_weight: float) -> torch.Tensor:

@@ -125,9 +125,9 @@ def test_triton_batches_concurrent_requests(triton: str, card: ModelCard) -> Non
         outputs = list(pool.map(lambda i: session.run(images[i : i + 1]), range(8)))
     # Triton counts an execution after its responses are sent: a loaded machine can read the statistics first.
     deadline = time.monotonic() + 30
-    while (inferences := counts()[0] - before[0]) < 8 and time.monotonic() < deadline:
+    while (after := counts())[0] - before[0] < 8 and time.monotonic() < deadline:
         time.sleep(0.1)
-    executions = counts()[1] - before[1]
+    inferences, executions = (a - b for a, b in zip(after, before, strict=True))
     assert inferences == 8 and executions < 8, (inferences, executions)
     assert all(output.shape == (1, 1) for output in outputs)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.losses import dice_bce_loss, per_slice_dice_loss, soft_dice_loss, tversky_loss, weighted_bce_loss
+from training.losses import mask_loss, per_slice_dice_loss, soft_dice_loss, tversky_loss, weighted_bce_loss
 from training.metrics import detection_metrics, dice_score, per_volume_dice, roc_auc, threshold_for_sensitivity
 
 
@@ -107,7 +107,7 @@ def test_soft_dice_loss_by_hand() -> None:
     logits = torch.zeros(1, 1, 2, 2)
     target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
     assert soft_dice_loss(logits, target).item() == pytest.approx(0.5)
-    assert dice_bce_loss(logits, target).item() == pytest.approx(0.5 + math.log(2))
+    assert mask_loss("batch_dice", logits, target).item() == pytest.approx(0.5 + math.log(2))
     # Confident and right: loss near 0. Confident and wrong: near 1 for Dice.
     assert soft_dice_loss(torch.where(target > 0, 20.0, -20.0), target).item() == pytest.approx(0, abs=1e-6)
     assert soft_dice_loss(torch.where(target > 0, -20.0, 20.0), target).item() == pytest.approx(1 - 1 / 5, abs=1e-6)
