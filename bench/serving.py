@@ -119,7 +119,7 @@ def measure_ceiling(slice_set: SliceSet, models: ModelSet, provider: str, shapes
     settings = Settings(model_dir=models.path, providers=PROVIDERS[provider])
     pipeline = Pipeline(load_models(models.card, settings), settings.max_batch_size)
     decoded = [decode_image(s.data, LIMITS, s.content_type) for s in slice_set.slices]
-    pass_share = sum(p.tumor_probability >= pipeline.classifier_threshold for p in pipeline.predict_batch(decoded))
+    pass_share = sum(p.classifier_probability >= pipeline.classifier_threshold for p in pipeline.predict_batch(decoded))
 
     def one_slice(index: int) -> int:
         s = slice_set.slices[index]

@@ -175,7 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sensitivity",
         type=float,
-        default=0.97,
-        help="classifier threshold: highest with at least this inner-validation sensitivity",
+        default=0.99,
+        help="classifier threshold (the segmenter runs at or above it): highest with at least this inner-validation "
+        "sensitivity",
     )
     add_config_arguments(parser)

@@ -29,9 +29,9 @@ from training.selection import (
     MIN_COMPONENT_PIXELS,
     Outputs,
     choose_thresholds,
-    detection_score,
     largest_component_per_patient,
     pipeline_masks,
+    reported_probability,
 )
 
 
@@ -105,11 +105,11 @@ def evaluate_variant(
         held_out = fold_outputs(arrays, "held_out", variant.flip, variant.flair_only)
         thresholds[k] = {**chosen.__dict__, "sweeps": sweeps}
         indices.append(held_out.indices)
-        probabilities.append(held_out.tumor_probability)
-        scores.append(detection_score(held_out))
+        probabilities.append(held_out.classifier_probability)
+        scores.append(reported_probability(held_out, chosen.classifier))
         masks.append(pipeline_masks(held_out, shape, chosen))
     idx = np.concatenate(indices)
-    probability, score, predicted = np.concatenate(probabilities), np.concatenate(scores), np.concatenate(masks)
+    classifier, reported, predicted = np.concatenate(probabilities), np.concatenate(scores), np.concatenate(masks)
     truths, patients, labels = cache.masks[idx], cache.patients[idx], cache.labels[idx]
     if variant.largest_component:
         predicted = largest_component_per_patient(predicted, patients, cache.numbers[idx])
@@ -139,19 +139,20 @@ def evaluate_variant(
         "volume_dice_median": segmentation["volume_dice_median"],
         "volume_dice_median_95ci": bootstrap_interval(names, lambda d: float(np.median([by_patient[p] for p in d]))),
         "tumor_slice_dice_mean": segmentation["tumor_slice_dice_mean"],
-        "roc_auc": roc_auc(probability, labels),
-        "roc_auc_95ci": bootstrap_interval(names, auc_of(probability), samples=500),
+        # The service's tumor_probability (both networks' evidence), and the classifier's alone beside it.
+        "roc_auc": roc_auc(reported, labels),
+        "roc_auc_95ci": bootstrap_interval(names, auc_of(reported), samples=500),
+        "specificity_at_sensitivity_0.95": specificity_at(reported, labels, 0.95),
+        "classifier_roc_auc": roc_auc(classifier, labels),
+        "classifier_roc_auc_95ci": bootstrap_interval(names, auc_of(classifier), samples=500),
+        "classifier_specificity_at_sensitivity_0.95": specificity_at(classifier, labels, 0.95),
         "patients_tumor_found": [sum(found), len(found)],
         "detection_final_flag": decision_metrics(predicted.reshape(len(idx), -1).any(axis=1), labels),
         "detection_classifier_alone": decision_metrics(flagged, labels),
-        "specificity_at_sensitivity_0.95": specificity_at(probability, labels, 0.95),
-        # Does the segmenter's evidence separate slices better than the classifier alone? (issue #8, item 3)
-        "detection_score_roc_auc": roc_auc(score, labels),
-        "detection_score_roc_auc_95ci": bootstrap_interval(names, auc_of(score), samples=500),
-        "detection_score_specificity_at_sensitivity_0.95": specificity_at(score, labels, 0.95),
+        "segmented_share": float(flagged.mean()),
         "thresholds_by_fold": thresholds,
         "volume_dice_by_patient": by_patient,
-        "_predicted": (idx, predicted, probability),
+        "_predicted": (idx, predicted, reported),
     }
 
 
@@ -205,10 +206,10 @@ def cross_validation_report(
 
 def markdown_table(report: dict) -> str:
     lines = [
-        "| variant | volume Dice mean [95% CI] | median [95% CI] | tumor-slice Dice | ROC AUC [95% CI] "
-        "| sensitivity / specificity (final flag) | specificity at sensitivity 0.95 "
-        "| sqrt(classifier x segmenter peak): ROC AUC [95% CI], specificity at sensitivity 0.95 "
-        "| patients with tumor found |",
+        "| variant | volume Dice mean [95% CI] | median [95% CI] | tumor-slice Dice "
+        "| tumor_probability: ROC AUC [95% CI], specificity at sensitivity 0.95 "
+        "| classifier alone: ROC AUC [95% CI], specificity at sensitivity 0.95 "
+        "| sensitivity / specificity (final flag) | slices segmented | patients with tumor found |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["variants"].items():
@@ -218,10 +219,10 @@ def markdown_table(report: dict) -> str:
             f"{m['volume_dice_mean_95ci'][1]:.3f}] | {m['volume_dice_median']:.3f} "
             f"[{m['volume_dice_median_95ci'][0]:.3f}, {m['volume_dice_median_95ci'][1]:.3f}] "
             f"| {m['tumor_slice_dice_mean']:.3f} | {m['roc_auc']:.4f} [{m['roc_auc_95ci'][0]:.4f}, "
-            f"{m['roc_auc_95ci'][1]:.4f}] | {flag['sensitivity']:.3f} / {flag['specificity']:.3f} "
-            f"| {m['specificity_at_sensitivity_0.95']:.3f} | {m['detection_score_roc_auc']:.4f} "
-            f"[{m['detection_score_roc_auc_95ci'][0]:.4f}, {m['detection_score_roc_auc_95ci'][1]:.4f}], "
-            f"{m['detection_score_specificity_at_sensitivity_0.95']:.3f} "
+            f"{m['roc_auc_95ci'][1]:.4f}], {m['specificity_at_sensitivity_0.95']:.3f} "
+            f"| {m['classifier_roc_auc']:.4f} [{m['classifier_roc_auc_95ci'][0]:.4f}, "
+            f"{m['classifier_roc_auc_95ci'][1]:.4f}], {m['classifier_specificity_at_sensitivity_0.95']:.3f} "
+            f"| {flag['sensitivity']:.3f} / {flag['specificity']:.3f} | {m['segmented_share']:.3f} "
             f"| {'/'.join(map(str, m['patients_tumor_found']))} |"
         )
     return "\n".join(lines) + "\n"

@@ -55,7 +55,7 @@ def evaluate(
             "patients": len(split[part]),
             "slices": len(idx),
             "tumor_slices": int(cache.labels[idx].sum()),
-            "detection": detection_metrics(o.tumor_probability, cache.labels[idx], thresholds.classifier),
+            "detection": detection_metrics(o.classifier_probability, cache.labels[idx], thresholds.classifier),
             "segmentation_pipeline": segmentation_metrics(pipeline, truths, patients),
             "segmentation_segmenter_alone": segmentation_metrics(alone, truths, patients),
             "segmentation_pipeline_largest_3d_component": segmentation_metrics(largest, truths, patients),
@@ -118,7 +118,7 @@ def draw_figures(
     for ax, (label, i) in zip(axes, picks.items(), strict=True):
         j = idx[i]
         dice = dice_score(test_masks[i], cache.masks[j])
-        probability = test.tumor_probability[i]
+        probability = test.classifier_probability[i]
         title = f"{label}: {cache.patients[j]} #{cache.numbers[j]}\nDice {dice:.3f}, p(tumor) {probability:.2f}"
         overlay_panel(ax, cache, j, test_masks[i], title)
     fig.suptitle("green: ground truth, red: pipeline prediction")
@@ -171,6 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sensitivity",
         type=float,
-        default=0.97,
-        help="classifier threshold: highest with at least this validation sensitivity",
+        default=0.99,
+        help="classifier threshold (the segmenter runs at or above it): highest with at least this validation "
+        "sensitivity",
     )

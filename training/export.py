@@ -151,6 +151,7 @@ def export_models(
     data_description: dict,
     metrics: dict | None = None,
     cross_validation: dict | None = None,
+    version: str | None = None,
 ) -> dict:
     """Write both ONNX files and the card; refuse to finish if ONNX and PyTorch disagree on a decision."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,10 +191,10 @@ def export_models(
         }
     card = {
         "name": "lgg-tumor-detect-segment",
-        "version": datetime.now(UTC).strftime("%Y.%m.%d"),
+        "version": version or datetime.now(UTC).strftime("%Y.%m.%d"),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "task": "Brain MRI slice: is a lower-grade glioma FLAIR abnormality there (classifier), and where (segmenter).",
-        "pipeline": "classifier on every slice; segmenter only where tumor_probability >= classifier threshold",
+        "pipeline": "classifier on every slice; segmenter only where the classifier's probability >= its threshold",
         "input": {
             "size": size,
             "channel_order": list(CHANNEL_ORDER),
@@ -205,6 +206,7 @@ def export_models(
         "postprocessing": {
             "min_component_pixels": int(thresholds["min_component_pixels"]),
             "detection_rule": DETECTION_RULE,
+            "tumor_probability": "classifier_and_segmenter_peak",
         },
         **({"metrics": metrics} if metrics is not None else {}),
         **({"cross_validation": cross_validation} if cross_validation is not None else {}),
@@ -264,6 +266,7 @@ def run(args: argparse.Namespace) -> dict:
         data_description,
         metrics=report["metrics"] if report else None,
         cross_validation=cross_validation_section(cv_report) if cv_report else None,
+        version=args.version,
     )
     log.info("wrote %s with %s", out_dir / CARD_FILE, ", ".join(m["file"] for m in card["models"].values()))
     return card
@@ -281,3 +284,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=".cache")
     parser.add_argument("--out", default="models")
     parser.add_argument("--parity-slices", type=int, default=128, help="validation slices for the ONNX parity check")
+    parser.add_argument("--version", help="the card's version (default: today's date, YYYY.MM.DD)")

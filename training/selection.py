@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.core.postprocessing import keep_largest_component, slice_mask
+from app.core.postprocessing import keep_largest_component, slice_mask, tumor_probability
 from training.metrics import per_volume_dice, threshold_for_sensitivity
 
 SEGMENTER_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.1, 0.71, 0.05), 2))
@@ -27,11 +27,11 @@ class Outputs:
     """One model's outputs on some slices of the cache."""
 
     indices: np.ndarray  # (N,) slice indices into the cache
-    tumor_probability: np.ndarray  # (N,) classifier
+    classifier_probability: np.ndarray  # (N,)
     probability_maps: np.ndarray  # (N, S, S) segmenter, at model size
 
     def subset(self, keep: np.ndarray) -> "Outputs":
-        return Outputs(self.indices[keep], self.tumor_probability[keep], self.probability_maps[keep])
+        return Outputs(self.indices[keep], self.classifier_probability[keep], self.probability_maps[keep])
 
 
 def largest_component_per_patient(masks: np.ndarray, patients: np.ndarray, numbers: np.ndarray) -> np.ndarray:
@@ -44,11 +44,12 @@ def largest_component_per_patient(masks: np.ndarray, patients: np.ndarray, numbe
     return kept
 
 
-def detection_score(outputs: Outputs) -> np.ndarray:
-    """The classifier's and the segmenter's evidence together: sqrt(tumor probability x the map's highest
-    probability). Measured beside the classifier alone; the service's flag is the AND rule, not this score."""
+def reported_probability(outputs: Outputs, classifier_threshold: float) -> np.ndarray:
+    """The service's tumor_probability under the "classifier_and_segmenter_peak" rule: the segmenter's evidence
+    counts where the service runs it (classifier >= its threshold), though the outputs hold every slice's map."""
+    classifier = outputs.classifier_probability.astype(np.float32)
     peak = outputs.probability_maps.reshape(len(outputs.indices), -1).max(axis=1).astype(np.float32)
-    return np.sqrt(outputs.tumor_probability.astype(np.float32) * peak)
+    return tumor_probability(classifier, peak, classifier >= classifier_threshold)
 
 
 def pipeline_masks(
@@ -56,7 +57,7 @@ def pipeline_masks(
 ) -> np.ndarray:
     """The service's masks at source size (app.core.postprocessing's rule); `classify=False`: segmenter alone."""
     masks = np.zeros((len(outputs.indices), *shape), dtype=bool)
-    flagged = outputs.tumor_probability >= thresholds.classifier if classify else np.ones(len(masks), dtype=bool)
+    flagged = outputs.classifier_probability >= thresholds.classifier if classify else np.ones(len(masks), dtype=bool)
     for i in np.flatnonzero(flagged):
         masks[i] = slice_mask(
             outputs.probability_maps[i].astype(np.float32),
@@ -83,7 +84,7 @@ def choose_thresholds(
     `component_sizes`; `(0,)` keeps every component), each maximizing mean per-volume Dice of the pipeline.
     Returns the thresholds and both sweeps."""
     labels = truths.reshape(len(truths), -1).any(axis=1)
-    classifier = threshold_for_sensitivity(outputs.tumor_probability, labels, sensitivity)
+    classifier = threshold_for_sensitivity(outputs.classifier_probability, labels, sensitivity)
     shape = truths.shape[1:]
 
     def score(segmenter: float, min_pixels: int) -> float:

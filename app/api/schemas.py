@@ -11,6 +11,12 @@ TUMOR_DETECTED = (
     "True exactly when the mask has at least one pixel: the classifier passed its threshold AND the segmenter "
     "marked a region of at least the card's min_component_pixels. Flag, mask, area and bbox agree."
 )
+TUMOR_PROBABILITY = (
+    "In [0, 1], for ranking slices (not calibrated). Under the card's postprocessing.tumor_probability rule "
+    "'classifier_and_segmenter_peak': sqrt(classifier probability x the segmenter's highest pixel probability) "
+    "where the segmenter ran, the classifier's probability where it did not; under 'classifier' (or none): the "
+    "classifier's probability."
+)
 
 
 class MaskFormat(StrEnum):
@@ -55,7 +61,7 @@ class Timings(BaseModel):
 
 class Prediction(BaseModel):
     tumor_detected: bool = Field(description=TUMOR_DETECTED)
-    tumor_probability: float = Field(description="Classifier output in [0, 1].")
+    tumor_probability: float = Field(description=TUMOR_PROBABILITY)
     mask: RleMask | PngMask | None = Field(
         description="Segmented tumor at the input's size; null when no tumor was detected or mask_format=none. "
         "Never empty: a slice without a single mask pixel is tumor_detected false."
@@ -73,7 +79,7 @@ class SliceResult(BaseModel):
     frame_number: int | None = Field(description="1-based frame within a multi-frame DICOM file, else null.")
     filename: str | None = Field(description="The uploaded file name, for PNG/TIFF slices only.")
     tumor_detected: bool = Field(description=TUMOR_DETECTED)
-    tumor_probability: float = Field(description="Classifier output in [0, 1].")
+    tumor_probability: float = Field(description=TUMOR_PROBABILITY)
     mask: RleMask | PngMask | None = Field(
         description="The slice's tumor mask (after the 3-D cleanup when asked), null when it has no tumor pixel "
         "or mask_format=none."

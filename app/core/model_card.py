@@ -12,6 +12,7 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.core.postprocessing import TumorProbabilityRule
 from app.core.preprocessing import CHANNEL_ORDER, NORMALIZATION, preprocess_slice
 
 CARD_FILE = "model_card.json"
@@ -158,6 +159,11 @@ class Postprocessing(CardModel):
         None, ge=0, description="Mask regions smaller than this are dropped; null = keep every region."
     )
     detection_rule: str | None = Field(None, description="When a slice counts as having a tumor, in words.")
+    tumor_probability: TumorProbabilityRule | None = Field(
+        None,
+        description="What the reported tumor_probability holds (app.core.postprocessing.TUMOR_PROBABILITY_RULES); "
+        "null: the classifier's probability.",
+    )
 
 
 class DataDescription(CardModel):

@@ -4,7 +4,8 @@
 the benchmarks and other routes call it the same way. It runs in three steps so the dynamic
 batcher can keep its one inference thread on the networks alone, while per-slice work runs beside it:
   prepare()     one slice  -> network input (the shared preprocess_slice)
-  run_models()  many slices -> classifier on all, segmenter on the flagged ones, in batches
+  run_models()  many slices -> classifier on all, segmenter on the flagged ones, in batches; the reported
+                tumor_probability (the card's rule: both networks' evidence, or the classifier's alone)
   finish()      one slice  -> boolean mask at the input's own size (app.core.postprocessing's rule:
                 tumor_detected exactly when that mask is non-empty)
 Each step takes the request's Deadline (app.core.deadline) and checks it between slices and between batches.
@@ -19,7 +20,7 @@ import numpy as np
 
 from app.core.deadline import UNLIMITED, Deadline
 from app.core.onnx_sessions import LoadedModels
-from app.core.postprocessing import slice_mask
+from app.core.postprocessing import slice_mask, tumor_probability
 from app.core.preprocessing import preprocess_slice
 
 
@@ -43,7 +44,8 @@ class BatchTimings:
 
 @dataclass(frozen=True)
 class ModelOutput:
-    tumor_probability: float
+    tumor_probability: float  # the reported one, under the card's postprocessing.tumor_probability rule
+    classifier_probability: float
     tumor_probability_map: np.ndarray | None  # (S, S) at model size; only where the classifier flagged the slice
     batch: BatchTimings
 
@@ -51,6 +53,7 @@ class ModelOutput:
 @dataclass(frozen=True)
 class SlicePrediction:
     tumor_probability: float
+    classifier_probability: float  # the segmenter ran on this slice exactly when it is >= the classifier threshold
     tumor_detected: bool  # exactly when mask is not None (it then has at least one pixel)
     # Boolean mask at the input slice's own size; None when no tumor was found.
     mask: np.ndarray | None
@@ -74,6 +77,9 @@ class Pipeline:
         self.segmenter_threshold = models.card.segmenter.threshold
         postprocessing = models.card.card.postprocessing
         self.min_component_pixels = (postprocessing and postprocessing.min_component_pixels) or 0
+        self.combine_evidence = postprocessing is not None and (
+            postprocessing.tumor_probability == "classifier_and_segmenter_peak"
+        )
 
     def predict_batch(self, slices: list[np.ndarray], deadline: Deadline = UNLIMITED) -> list[SlicePrediction]:
         """8-bit slices (HxW FLAIR or HxWx3 in dataset channel order, any size) -> one prediction each, in order.
@@ -100,20 +106,29 @@ class Pipeline:
 
     def _run_batch(self, images: np.ndarray) -> list[ModelOutput]:
         started = time.perf_counter()
-        tumor_probabilities = self.models.classifier.run(images)[:, 0]
-        detected = tumor_probabilities >= self.classifier_threshold
+        classifier_probabilities = self.models.classifier.run(images)[:, 0]
+        detected = classifier_probabilities >= self.classifier_threshold
         classified = time.perf_counter()
         # The segmenter only sees slices the classifier flagged: most slices of a volume are tumor-free.
         maps: list[np.ndarray | None] = [None] * len(images)
+        peaks = np.zeros(len(images), dtype=np.float32)
         if detected.any():
-            for index, probability_map in zip(
-                np.flatnonzero(detected), self.models.segmenter.run(images[detected])[:, 0], strict=True
-            ):
+            flagged_maps = self.models.segmenter.run(images[detected])[:, 0]
+            peaks[detected] = flagged_maps.reshape(len(flagged_maps), -1).max(axis=1)
+            for index, probability_map in zip(np.flatnonzero(detected), flagged_maps, strict=True):
                 maps[index] = probability_map
         timings = BatchTimings(len(images), int(detected.sum()), classified - started, time.perf_counter() - classified)
         if self.on_batch is not None:
             self.on_batch(timings)
-        return [ModelOutput(float(p), m, timings) for p, m in zip(tumor_probabilities, maps, strict=True)]
+        reported = (
+            tumor_probability(classifier_probabilities, peaks, detected)
+            if self.combine_evidence
+            else classifier_probabilities
+        )
+        return [
+            ModelOutput(float(r), float(c), m, timings)
+            for r, c, m in zip(reported, classifier_probabilities, maps, strict=True)
+        ]
 
     def finish_all(
         self, prepared: list[PreparedSlice], outputs: list[ModelOutput], deadline: Deadline
@@ -135,6 +150,7 @@ class Pipeline:
             mask = None  # the classifier's yes without a single mask pixel is a no: flag, mask and area agree
         return SlicePrediction(
             output.tumor_probability,
+            output.classifier_probability,
             mask is not None,
             mask,
             output.batch,

@@ -5,7 +5,14 @@ connected components smaller than the card's `min_component_pixels` removed, and
 classifier is below its threshold (the segmenter does not run there). A slice is `tumor_detected` exactly when
 that mask is non-empty, so the flag, the mask, its area and its bounding box always agree. Training's evaluation
 and cross-validation apply this same function.
+
+The reported `tumor_probability` weighs both networks' evidence (cards that say `classifier_and_segmenter_peak`):
+the geometric mean of the classifier's probability and the segmenter's highest pixel probability where the
+segmenter ran; the classifier's probability alone where it did not (that is below the classifier's threshold).
+It ranks slices better than the classifier alone (cross-validated ROC AUC in the README).
 """
+
+from typing import Literal
 
 import numpy as np
 
@@ -15,8 +22,22 @@ DETECTION_RULE = (
     "tumor_detected = classifier probability >= classifier threshold AND the mask is non-empty, where the mask is "
     "the segmenter's map >= segmenter threshold without components smaller than min_component_pixels"
 )
+# The card's postprocessing.tumor_probability: which evidence the reported probability holds (null: "classifier").
+TumorProbabilityRule = Literal["classifier", "classifier_and_segmenter_peak"]
+TUMOR_PROBABILITY_RULES: dict[TumorProbabilityRule, str] = {
+    "classifier": "the classifier's probability",
+    "classifier_and_segmenter_peak": "sqrt(classifier probability x the segmenter's highest pixel probability) "
+    "where the segmenter ran; the classifier's probability where it did not",
+}
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+def tumor_probability(
+    classifier_probability: np.ndarray, segmenter_peak: np.ndarray, segmented: np.ndarray
+) -> np.ndarray:
+    """Per slice: the reported probability under the "classifier_and_segmenter_peak" rule."""
+    return np.where(segmented, np.sqrt(classifier_probability * segmenter_peak), classifier_probability)
 
 
 def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:

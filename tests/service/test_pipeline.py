@@ -59,6 +59,22 @@ def test_mask_is_the_shared_postprocessing_of_the_segmenter_map(models: LoadedMo
     np.testing.assert_array_equal(prediction.mask, expected)
 
 
+@pytest.mark.parametrize("rule", ["classifier_and_segmenter_peak", "classifier"])
+def test_reported_probability_follows_the_cards_rule(models: LoadedModels, bundled_models_dir: Path, rule: str) -> None:
+    image = np.zeros((64, 64, 3), np.uint8)  # both networks well below 1, so the two rules differ
+    peak = float(segmenter_map(bundled_models_dir, image).max())
+    pipeline = Pipeline(models)
+    pipeline.combine_evidence = rule == "classifier_and_segmenter_peak"
+    pipeline.classifier_threshold = 0.0  # the segmenter runs
+    [segmented] = pipeline.predict_batch([image])
+    expected = np.sqrt(segmented.classifier_probability * peak) if pipeline.combine_evidence else None
+    assert segmented.tumor_probability == pytest.approx(expected or segmented.classifier_probability, rel=1e-5)
+    assert expected is None or abs(expected / segmented.classifier_probability - 1) > 0.1
+    pipeline.classifier_threshold = 1.01  # the segmenter does not run: the classifier's probability alone
+    [not_segmented] = pipeline.predict_batch([image])
+    assert not_segmented.tumor_probability == not_segmented.classifier_probability == segmented.classifier_probability
+
+
 def test_segmenter_runs_only_on_slices_the_classifier_flags(models: LoadedModels) -> None:
     seen: list[int] = []
     run = models.segmenter.run
@@ -76,10 +92,10 @@ def test_segmenter_runs_only_on_slices_the_classifier_flags(models: LoadedModels
     assert seen == []
     assert all(p.mask is None and not p.tumor_detected for p in predictions)
 
-    probabilities = [p.tumor_probability for p in predictions]
+    probabilities = [p.classifier_probability for p in predictions]
     pipeline.classifier_threshold = float(np.median(probabilities))
     predictions = pipeline.predict_batch(slices)
-    flagged = [p.tumor_probability >= pipeline.classifier_threshold for p in predictions]
+    flagged = [p.classifier_probability >= pipeline.classifier_threshold for p in predictions]
     assert seen == [sum(flagged)]
     assert [p.mask is not None for p in predictions] == flagged == [p.tumor_detected for p in predictions]
 
@@ -110,10 +126,12 @@ class FakePipeline(Pipeline):
         if any(int(p.image.flat[0]) == self.fail_on for p in prepared):
             raise RuntimeError("boom")
         timings = BatchTimings(len(prepared), 0, 0.0, 0.0)
-        return [ModelOutput(float(p.image.flat[0]), None, timings) for p in prepared]
+        return [ModelOutput(float(p.image.flat[0]), float(p.image.flat[0]), None, timings) for p in prepared]
 
     def finish(self, prepared: PreparedSlice, output: ModelOutput) -> SlicePrediction:
-        return SlicePrediction(output.tumor_probability, False, None, output.batch, 0.0, 0.0)
+        return SlicePrediction(
+            output.tumor_probability, output.classifier_probability, False, None, output.batch, 0.0, 0.0
+        )
 
 
 def one_pixel(value: int) -> np.ndarray:
@@ -123,7 +141,9 @@ def one_pixel(value: int) -> np.ndarray:
 def test_dynamic_batcher_gathers_concurrent_requests_in_order() -> None:
     async def scenario() -> tuple[list[list[float]], FakePipeline, list[float]]:
         fake, waits = FakePipeline(), []
-        batcher = DynamicBatcher(fake, max_batch_size=4, max_wait_ms=20, on_queue_wait=waits.append)
+        # A wait far longer than the requests' trickle through the thread pool on a loaded machine: batches
+        # are cut by size here, not by time.
+        batcher = DynamicBatcher(fake, max_batch_size=4, max_wait_ms=500, on_queue_wait=waits.append)
         requests = [batcher.predict([one_pixel(i)]) for i in range(9)]
         requests.append(batcher.predict([one_pixel(9), one_pixel(10)]))
         results = await asyncio.gather(*requests)

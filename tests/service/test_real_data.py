@@ -23,8 +23,9 @@ def onnx_session(path: Path) -> ort.InferenceSession:
 
 
 def training_reference(model_dir: Path, image_path: Path) -> tuple[float, np.ndarray]:
-    """What `python -m training evaluate` computes for the slice: its reader, the shared preprocessing,
-    the exported ONNX models and `selection.pipeline_masks` with the card's thresholds."""
+    """What `python -m training evaluate` and `cv` compute for the slice: its reader, the shared preprocessing,
+    the exported ONNX models, `selection.pipeline_masks` with the card's thresholds and the card's
+    tumor_probability rule."""
     dataset = pytest.importorskip("training.dataset", reason="training code needs torch")
     selection = pytest.importorskip("training.selection", reason="training code needs torch")
     image = dataset.read_image(image_path)
@@ -41,7 +42,10 @@ def training_reference(model_dir: Path, image_path: Path) -> tuple[float, np.nda
     )
     slice_outputs = selection.Outputs(np.arange(1), outputs["classifier"][:, 0], outputs["segmenter"][:, 0])
     masks = selection.pipeline_masks(slice_outputs, image.shape[:2], thresholds)
-    return float(outputs["classifier"][0, 0]), masks[0]
+    reported = slice_outputs.classifier_probability
+    if postprocessing and postprocessing.tumor_probability == "classifier_and_segmenter_peak":
+        reported = selection.reported_probability(slice_outputs, card.classifier.threshold)
+    return float(reported[0]), masks[0]
 
 
 def tumor_slices(folder: Path, count: int) -> list[Path]:

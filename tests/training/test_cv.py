@@ -10,7 +10,7 @@ from tests.training.conftest import SyntheticData, run_training
 from training.cv import fold_plan
 from training.cv_report import FLAIR_ONLY, PRIMARY, VARIANTS, LeakError, evaluate_variant
 from training.dataset import SliceCache, patient_folds
-from training.selection import Outputs, detection_score, largest_component_per_patient
+from training.selection import Outputs, largest_component_per_patient, reported_probability
 
 
 def toy_cache(patients: int = 23, slices: int = 6, seed: int = 0) -> SliceCache:
@@ -101,18 +101,20 @@ def test_the_flair_only_variant_reads_flair_only_held_out_outputs_with_full_inpu
     assert flair["volume_dice_mean"] < full["volume_dice_mean"]
 
 
-def test_the_detection_score_adds_the_segmenters_evidence_to_the_classifiers() -> None:
+def test_the_reported_probability_adds_the_segmenters_evidence_where_the_segmenter_runs() -> None:
     cache = toy_cache(patients=12)
     names = sorted(set(cache.patients.tolist()))
-    arrays = fake_outputs(cache, names[:6], names[6:], 0.0)
+    arrays = fake_outputs(cache, names[:6], names[6:], 0.0)  # validation: the classifier's threshold is 0.8
     rng = np.random.default_rng(1)
     held_out = len(arrays["held_out_indices"])
-    arrays["held_out_tumor_probability"] = rng.uniform(0.3, 0.9, held_out).astype(np.float32)  # no signal
+    arrays["held_out_tumor_probability"] = rng.uniform(0.85, 0.95, held_out).astype(np.float32)  # no signal
     report = evaluate_variant(cache, {0: arrays}, VARIANTS[PRIMARY], 0.97)
-    assert report["roc_auc"] < 0.8 and report["detection_score_roc_auc"] == 1.0  # the maps follow the truth
-    outputs = Outputs(np.arange(2), np.array([0.9, 0.9], np.float32), np.zeros((2, 4, 4), np.float16))
+    assert report["classifier_roc_auc"] < 0.8 and report["roc_auc"] == 1.0  # the maps follow the truth
+    assert report["segmented_share"] == 1.0
+    outputs = Outputs(np.arange(3), np.array([0.9, 0.9, 0.5], np.float32), np.zeros((3, 4, 4), np.float16))
     outputs.probability_maps[1, 0, 0] = 0.4
-    np.testing.assert_allclose(detection_score(outputs), [0.0, 0.6], atol=1e-3)  # no segmenter pixel: score 0
+    outputs.probability_maps[2] = 0.9  # below the classifier's threshold the service never runs the segmenter
+    np.testing.assert_allclose(reported_probability(outputs, 0.8), [0.0, 0.6, 0.5], atol=1e-3)
 
 
 def test_the_largest_region_is_kept_per_patient_with_slices_stacked_in_order() -> None:
