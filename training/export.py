@@ -25,7 +25,7 @@ from app.core.model_card import (
     sha256_of,
     write_card,
 )
-from app.core.postprocessing import DETECTION_RULE
+from app.core.postprocessing import BOTH_NETWORKS, DETECTION_RULE
 from app.core.preprocessing import CHANNEL_ORDER, NORMALIZATION
 from training.checkpoints import load_run
 from training.dataset import load_cache, read_split
@@ -206,7 +206,7 @@ def export_models(
         "postprocessing": {
             "min_component_pixels": int(thresholds["min_component_pixels"]),
             "detection_rule": DETECTION_RULE,
-            "tumor_probability": "classifier_and_segmenter_peak",
+            "tumor_probability": BOTH_NETWORKS,
         },
         **({"metrics": metrics} if metrics is not None else {}),
         **({"cross_validation": cross_validation} if cross_validation is not None else {}),

@@ -45,7 +45,7 @@ def largest_component_per_patient(masks: np.ndarray, patients: np.ndarray, numbe
 
 
 def reported_probability(outputs: Outputs, classifier_threshold: float) -> np.ndarray:
-    """The service's tumor_probability under the "classifier_and_segmenter_peak" rule: the segmenter's evidence
+    """The service's tumor_probability under the card's BOTH_NETWORKS rule: the segmenter's evidence
     counts where the service runs it (classifier >= its threshold), though the outputs hold every slice's map."""
     classifier = outputs.classifier_probability.astype(np.float32)
     peak = outputs.probability_maps.reshape(len(outputs.indices), -1).max(axis=1).astype(np.float32)

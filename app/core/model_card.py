@@ -161,8 +161,8 @@ class Postprocessing(CardModel):
     detection_rule: str | None = Field(None, description="When a slice counts as having a tumor, in words.")
     tumor_probability: TumorProbabilityRule | None = Field(
         None,
-        description="What the reported tumor_probability holds (app.core.postprocessing.TUMOR_PROBABILITY_RULES); "
-        "null: the classifier's probability.",
+        description="What the reported tumor_probability holds: the classifier's probability, or both networks' "
+        "evidence (app.core.postprocessing.tumor_probability); null: the classifier's probability.",
     )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from app.core.deadline import UNLIMITED, Deadline
 from app.core.onnx_sessions import LoadedModels
-from app.core.postprocessing import slice_mask, tumor_probability
+from app.core.postprocessing import BOTH_NETWORKS, slice_mask, tumor_probability
 from app.core.preprocessing import preprocess_slice
 
 
@@ -77,9 +77,7 @@ class Pipeline:
         self.segmenter_threshold = models.card.segmenter.threshold
         postprocessing = models.card.card.postprocessing
         self.min_component_pixels = (postprocessing and postprocessing.min_component_pixels) or 0
-        self.combine_evidence = postprocessing is not None and (
-            postprocessing.tumor_probability == "classifier_and_segmenter_peak"
-        )
+        self.combine_evidence = postprocessing is not None and postprocessing.tumor_probability == BOTH_NETWORKS
 
     def predict_batch(self, slices: list[np.ndarray], deadline: Deadline = UNLIMITED) -> list[SlicePrediction]:
         """8-bit slices (HxW FLAIR or HxWx3 in dataset channel order, any size) -> one prediction each, in order.

@@ -24,11 +24,7 @@ DETECTION_RULE = (
 )
 # The card's postprocessing.tumor_probability: which evidence the reported probability holds (null: "classifier").
 TumorProbabilityRule = Literal["classifier", "classifier_and_segmenter_peak"]
-TUMOR_PROBABILITY_RULES: dict[TumorProbabilityRule, str] = {
-    "classifier": "the classifier's probability",
-    "classifier_and_segmenter_peak": "sqrt(classifier probability x the segmenter's highest pixel probability) "
-    "where the segmenter ran; the classifier's probability where it did not",
-}
+BOTH_NETWORKS: TumorProbabilityRule = "classifier_and_segmenter_peak"  # tumor_probability() below; export writes it
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
@@ -36,7 +32,7 @@ FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 def tumor_probability(
     classifier_probability: np.ndarray, segmenter_peak: np.ndarray, segmented: np.ndarray
 ) -> np.ndarray:
-    """Per slice: the reported probability under the "classifier_and_segmenter_peak" rule."""
+    """Per slice: the reported probability under the BOTH_NETWORKS rule."""
     return np.where(segmented, np.sqrt(classifier_probability * segmenter_peak), classifier_probability)
 
 

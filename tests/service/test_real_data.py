@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.core.onnx_sessions import read_model_card
+from app.core.postprocessing import BOTH_NETWORKS
 from app.core.preprocessing import preprocess_slice
 from tests.service.conftest import coco_decode
 
@@ -43,7 +44,7 @@ def training_reference(model_dir: Path, image_path: Path) -> tuple[float, np.nda
     slice_outputs = selection.Outputs(np.arange(1), outputs["classifier"][:, 0], outputs["segmenter"][:, 0])
     masks = selection.pipeline_masks(slice_outputs, image.shape[:2], thresholds)
     reported = slice_outputs.classifier_probability
-    if postprocessing and postprocessing.tumor_probability == "classifier_and_segmenter_peak":
+    if postprocessing and postprocessing.tumor_probability == BOTH_NETWORKS:
         reported = selection.reported_probability(slice_outputs, card.classifier.threshold)
     return float(reported[0]), masks[0]
 
