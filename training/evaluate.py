@@ -25,8 +25,8 @@ from training.dataset import SliceCache, load_cache, read_split
 from training.figures import overlay_panel
 from training.inference import predict
 from training.logs import setup_logging
-from training.metrics import detection_metrics, dice_score, segmentation_metrics
-from training.selection import Outputs, choose_thresholds, pipeline_masks
+from training.metrics import decision_metrics, dice_score, roc_auc, segmentation_metrics
+from training.selection import Outputs, choose_thresholds, pipeline_masks, reported_probability
 
 log = logging.getLogger("training")
 
@@ -44,7 +44,7 @@ def evaluate(
     metrics, masks = {}, {}
     for part, o in outputs.items():
         idx = o.indices
-        truths, patients = cache.masks[idx], cache.patients[idx]
+        truths, patients, labels = cache.masks[idx], cache.patients[idx], cache.labels[idx]
         pipeline = pipeline_masks(o, shape, thresholds)
         alone = pipeline_masks(o, shape, thresholds, classify=False)
         # Buda et al.'s 3-D postprocessing, per patient volume (the cache keeps each patient's slices in order).
@@ -54,8 +54,14 @@ def evaluate(
         metrics[part] = {
             "patients": len(split[part]),
             "slices": len(idx),
-            "tumor_slices": int(cache.labels[idx].sum()),
-            "detection": detection_metrics(o.classifier_probability, cache.labels[idx], thresholds.classifier),
+            "tumor_slices": int(labels.sum()),
+            # What the service answers: tumor_probability as the card's rule reports it, tumor_detected (the flag).
+            "detection": {
+                "roc_auc": roc_auc(reported_probability(o, thresholds.classifier), labels),
+                "classifier_roc_auc": roc_auc(o.classifier_probability, labels),
+                "threshold": thresholds.classifier,
+                **decision_metrics(pipeline.reshape(len(idx), -1).any(axis=1), labels),
+            },
             "segmentation_pipeline": segmentation_metrics(pipeline, truths, patients),
             "segmentation_segmenter_alone": segmentation_metrics(alone, truths, patients),
             "segmentation_pipeline_largest_3d_component": segmentation_metrics(largest, truths, patients),
@@ -119,7 +125,7 @@ def draw_figures(
         j = idx[i]
         dice = dice_score(test_masks[i], cache.masks[j])
         probability = test.classifier_probability[i]
-        title = f"{label}: {cache.patients[j]} #{cache.numbers[j]}\nDice {dice:.3f}, p(tumor) {probability:.2f}"
+        title = f"{label}: {cache.patients[j]} #{cache.numbers[j]}\nDice {dice:.3f}, classifier p {probability:.2f}"
         overlay_panel(ax, cache, j, test_masks[i], title)
     fig.suptitle("green: ground truth, red: pipeline prediction")
     paths.append(out_dir / "test_overlays.png")

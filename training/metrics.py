@@ -38,14 +38,6 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def detection_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
-    return {
-        "roc_auc": roc_auc(scores, labels),
-        "threshold": float(threshold),
-        **decision_metrics(scores >= threshold, labels),
-    }
-
-
 def decision_metrics(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Sensitivity, specificity and counts of yes/no decisions per slice."""
     predicted, labels = predicted.astype(bool), labels.astype(bool)

@@ -100,9 +100,13 @@ class Models(CardModel):
 
 
 class DetectionMetrics(CardModel):
-    roc_auc: float
-    threshold: float
-    sensitivity: float
+    roc_auc: float = Field(
+        description="Of tumor_probability as the card's postprocessing.tumor_probability reports it."
+    )
+    classifier_roc_auc: float | None = Field(None, description="Of the classifier's probability alone.")
+    threshold: float = Field(description="The classifier's threshold.")
+    # The 2026.11.23 card (exported from `evaluate`) counted the classifier's decision alone here.
+    sensitivity: float = Field(description="Of tumor_detected (classifier >= threshold AND a non-empty mask).")
     specificity: float
     accuracy: float
     true_positives: int

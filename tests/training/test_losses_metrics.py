@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from training.losses import mask_loss, per_slice_dice_loss, soft_dice_loss, tversky_loss, weighted_bce_loss
-from training.metrics import detection_metrics, dice_score, per_volume_dice, roc_auc, threshold_for_sensitivity
+from training.metrics import decision_metrics, dice_score, per_volume_dice, roc_auc, threshold_for_sensitivity
 
 
 def test_dice_by_hand() -> None:
@@ -60,17 +60,14 @@ def test_roc_auc_needs_both_classes() -> None:
         roc_auc(np.array([0.1, 0.9]), np.array([1, 1]))
 
 
-def test_detection_metrics_counts() -> None:
-    scores = np.array([0.9, 0.8, 0.3, 0.6, 0.2, 0.5])
+def test_decision_metrics_counts() -> None:
+    predicted = np.array([1, 1, 0, 1, 0, 1])
     labels = np.array([1, 1, 1, 0, 0, 0])
-    m = detection_metrics(scores, labels, threshold=0.5)
-    # Positive when score >= threshold: 0.9, 0.8 (tp), 0.6, 0.5 (fp); 0.3 (fn); 0.2 (tn).
+    m = decision_metrics(predicted, labels)
     assert (m["true_positives"], m["false_positives"], m["true_negatives"], m["false_negatives"]) == (2, 2, 1, 1)
     assert m["sensitivity"] == pytest.approx(2 / 3)
     assert m["specificity"] == pytest.approx(1 / 3)
     assert m["accuracy"] == pytest.approx(3 / 6)
-    assert m["threshold"] == 0.5
-    assert m["roc_auc"] == roc_auc(scores, labels)
 
 
 @pytest.mark.parametrize(
@@ -91,10 +88,10 @@ def test_threshold_for_sensitivity_is_the_highest_that_reaches_it(positives: int
     scores = rng.random(positives + 40)
     labels = np.arange(len(scores)) < positives
     threshold = threshold_for_sensitivity(scores, labels, sensitivity)
-    assert detection_metrics(scores, labels, threshold)["sensitivity"] >= sensitivity
+    assert decision_metrics(scores >= threshold, labels)["sensitivity"] >= sensitivity
     higher = np.min(scores[labels & (scores > threshold)], initial=np.inf)
     if np.isfinite(higher):  # the next positive score up already misses the target
-        assert detection_metrics(scores, labels, higher)["sensitivity"] < sensitivity
+        assert decision_metrics(scores >= higher, labels)["sensitivity"] < sensitivity
 
 
 def test_threshold_for_sensitivity_needs_positives() -> None:

@@ -19,7 +19,7 @@ from tests.training.conftest import TINY_TRAINING, TrainedRuns, copy_run, run_tr
 from tests.training.test_models import TORCHVISION_RESNET18_KEYS, torchvision_like_resnet18_state
 from training.checkpoints import load_model, load_run
 from training.dataset import find_slices, read_image, read_mask
-from training.metrics import per_volume_dice
+from training.metrics import per_volume_dice, roc_auc
 
 pytestmark = pytest.mark.slow
 MODELS = ("classifier", "joint")
@@ -183,3 +183,12 @@ def test_evaluate_then_export_then_onnx_runtime_matches_pytorch(trained_runs: Tr
     assert service_dice.keys() == reported.keys()
     for patient, dice in service_dice.items():
         assert dice == pytest.approx(reported[patient], abs=0.02), patient
+    # Its detection figures are those of the service's tumor_probability and tumor_detected.
+    labels = truths.reshape(len(truths), -1).any(axis=1)
+    detection = report["metrics"]["test"]["detection"]
+    assert detection["roc_auc"] == pytest.approx(
+        roc_auc(np.array([a.tumor_probability for a in answers]), labels), abs=0.01
+    )
+    flags = np.array([a.tumor_detected for a in answers])
+    assert detection["true_positives"] == pytest.approx((flags & labels).sum(), abs=1)
+    assert detection["false_positives"] == pytest.approx((flags & ~labels).sum(), abs=1)
