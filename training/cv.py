@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> dict | None:
     plan = fold_plan(cache, args.folds, configs[0].seed, out / "folds.json")
     check_one_recipe(configs[-1], out / RECIPE_FILE)  # the model field tells joint from separate
     runtime = Runtime.start()
+    report = None
     for k in args.only_folds or range(args.folds):
         fold_dir = out / f"fold{k}"
         if outputs_complete(fold_dir / OUTPUTS_FILE):
@@ -149,6 +150,12 @@ def run(args: argparse.Namespace) -> dict | None:
                 progress=args.progress,
             )
         predict_fold(fold_dir, cache, fold, fold_dir / OUTPUTS_FILE)
+        # Reported after every fold: a run cut off in a later fold (a session's end) leaves its finished folds' report.
+        report = report_finished_folds(cache, plan, out, args)
+    return report or report_finished_folds(cache, plan, out, args)
+
+
+def report_finished_folds(cache: SliceCache, plan: list[dict], out: Path, args: argparse.Namespace) -> dict | None:
     done = [k for k in range(args.folds) if outputs_complete(out / f"fold{k}" / OUTPUTS_FILE)]
     if not done:
         return None

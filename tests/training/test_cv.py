@@ -1,12 +1,14 @@
 """Cross-validation: folds by patient, thresholds chosen without held-out patients, resumable end to end."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.training.conftest import SyntheticData, run_training
+from tests.training.conftest import REPO_ROOT, SyntheticData, run_training
 from training.cv import fold_plan
 from training.cv_report import FLAIR_ONLY, PRIMARY, VARIANTS, LeakError, evaluate_variant
 from training.dataset import SliceCache, patient_folds
@@ -144,7 +146,16 @@ def test_a_planted_leak_is_caught() -> None:
 def test_cv_runs_resumes_and_reports_every_patient_once(synthetic_tif: SyntheticData, tmp_path: Path) -> None:
     common = ["cv", "--data", synthetic_tif.root, "--out", tmp_path / "cv", "--cache-dir", tmp_path / "cache"]
     common += ["--folds", "2", "--size", "64", "--width", "8", "--threads", "1", "--no-progress"]
-    run_training(*common, "--epochs", "1", "--only-folds", "0")
+    # A session's end in fold 2 (the process killed as fold 2 starts) leaves fold 1 trained, predicted and reported.
+    command = [sys.executable, "-m", "training", *map(str, common), "--epochs", "1"]
+    with subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "fold 2/2" in line:
+                process.kill()
+                break
+        else:
+            pytest.fail(f"the cv run ended (exit {process.wait()}) without starting fold 2")
     first = json.loads((tmp_path / "cv" / "report.json").read_text())
     assert first["folds_complete"] == [0]
     fold0 = (tmp_path / "cv" / "fold0" / "outputs.npz").stat().st_mtime_ns
