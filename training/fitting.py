@@ -249,8 +249,16 @@ def check_same_recipe(saved: dict[str, Any], config: TrainConfig) -> None:
 class Run:
     """The state of one run on disk: resume, per-epoch checkpoint and history."""
 
-    def __init__(self, out_dir: Path, config: TrainConfig, model: nn.Module, ema: AveragedModel | None) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        config: TrainConfig,
+        model: nn.Module,
+        ema: AveragedModel | None,
+        augmentation_rng: torch.Generator,
+    ) -> None:
         self.out_dir, self.config, self.model, self.ema = out_dir, config, model, ema
+        self.augmentation_rng = augmentation_rng
         self.state: dict[str, Any] = {"epoch": 0, "history": [], "train_seconds": 0.0}
 
     @property
@@ -275,6 +283,10 @@ class Run:
         scaler.load_state_dict(checkpoint["scaler"])
         torch.set_rng_state(checkpoint["rng"])
         self.state = checkpoint["state"]
+        if "augmentation_rng" in checkpoint:  # a resumed run draws the augmentations an uninterrupted one would
+            self.augmentation_rng.set_state(checkpoint["augmentation_rng"])
+        else:  # checkpoints from before it was saved: their runs reseeded it by epoch on resume
+            self.augmentation_rng.manual_seed(self.augmentation_rng.initial_seed() + self.state["epoch"])
         log.info("resumed from %s at epoch %d", path, self.state["epoch"])
 
     def save(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
@@ -290,6 +302,7 @@ class Run:
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
                     "rng": torch.get_rng_state(),
+                    "augmentation_rng": self.augmentation_rng.get_state(),
                     "config": config,
                     "state": self.state,
                 },
@@ -323,7 +336,8 @@ def fit(
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.autocast]
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp == torch.float16)
-    run = Run(out_dir, config, model, ema)
+    generator = torch.Generator().manual_seed(config.seed + runtime.rank)  # the augmentations' draws
+    run = Run(out_dir, config, model, ema, generator)
     if resume:
         run.resume(optimizer, scaler)
     net = trainable(config, model)
@@ -335,7 +349,6 @@ def fit(
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True)
     labels = cache.labels[train_idx]
     positive_weight = float((~labels).sum() / max(labels.sum(), 1))
-    generator = torch.Generator().manual_seed(config.seed + runtime.rank + run.state["epoch"])
     started = time.monotonic() - run.state["train_seconds"]
 
     for epoch in range(run.state["epoch"], config.epochs):

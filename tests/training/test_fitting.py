@@ -107,3 +107,45 @@ def test_the_missing_sequences_option_reaches_augmentation_and_the_checkpoint(
     assert torch.load(model_file, weights_only=False)["config"]["missing_sequences"] == 0.3
     with pytest.raises(ValueError, match="probability"):
         TrainConfig(model="joint", missing_sequences=1.5)
+
+
+class Stopped(Exception):
+    """Stands for the end of a session: the process dies right after a checkpoint."""
+
+
+def test_a_run_cut_off_and_resumed_trains_exactly_as_one_that_was_not(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    rng = np.random.default_rng(0)
+    masks = np.zeros((8, 32, 32), bool)
+    masks[:4, 8:20, 10:24] = True
+    cache = SliceCache(
+        images=rng.standard_normal((8, 3, 32, 32)).astype(np.float16),
+        target_masks=masks[:, None].astype(np.float16),
+        masks=masks,
+        patients=np.repeat(["P0", "P1"], 4),
+        numbers=np.tile(np.arange(1, 5), 2),
+    )
+    config = TrainConfig(
+        model="segmenter", size=32, width=8, blocks=(1, 1, 1, 1), epochs=3, batch_size=4, missing_sequences=0.5
+    )
+
+    def train(out, resume: bool = False):
+        return fit(config, cache, np.arange(8), np.array([], int), out, Runtime(torch.device("cpu")), resume, False)
+
+    straight = torch.load(train(tmp_path / "straight"), weights_only=False)["model"]
+    save = fitting.Run.save
+
+    def save_then_stop(run, *args):
+        save(run, *args)
+        if run.state["epoch"] == 1:
+            raise Stopped
+
+    monkeypatch.setattr(fitting.Run, "save", save_then_stop)
+    with pytest.raises(Stopped):
+        train(tmp_path / "cut")
+    monkeypatch.setattr(fitting.Run, "save", save)
+    resumed = torch.load(train(tmp_path / "cut", resume=True), weights_only=False)["model"]
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
