@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from bench.common import bench_arguments, finish_report, print_table, start_report
-from training.dataset import SliceRecord, augment_batch, decode_record, find_slices
+from training.augmentation import augment_batch
+from training.dataset import SliceRecord, decode_record, find_slices
 from training.fitting import TrainConfig, trainable, training_loss
 from training.networks import build_model
 

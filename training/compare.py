@@ -77,7 +77,7 @@ def shipped_models_dice(model_dir: Path, data: Path, patients: list[str], flair_
 
 def recipe_label(report: dict) -> str:
     recipe = report["recipe"]
-    shown = ("networks", "size", "width", "epochs", "ema_decay", "mask_loss", "missing_sequences")
+    shown = ("networks", "size", "width", "epochs", "ema_decay", "mask_loss", "missing_sequences", "augmentation")
     return ", ".join(f"{k} {recipe[k]}" for k in shown if k in recipe)
 
 

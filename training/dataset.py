@@ -1,4 +1,4 @@
-"""LGG kaggle_3m data: discovery, decoding into a cached array, patient split, augmentation.
+"""LGG kaggle_3m data: discovery, decoding into a cached array, patient split.
 
 Layout: one folder per patient, `<folder>_<n>.<ext>` and `<folder>_<n>_mask.<ext>`,
 with ext tif (the download) or webp/png (the lossless copy). Slices are numbered
@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from app.core.codecs import to_slice_array
@@ -228,52 +227,3 @@ class SliceDataset(Dataset):
             torch.from_numpy(self.cache.target_masks[j].astype(np.float32)),
             torch.tensor(float(self.labels[j])),
         )
-
-
-def augment_batch(
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    generator: torch.Generator,
-    rotate_degrees: float = 15,
-    scale: float = 0.05,
-    missing_sequences: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random horizontal flip, rotation, scale and per-channel intensity jitter, on a whole batch.
-
-    With probability `missing_sequences` a slice also loses its pre-contrast, its post-contrast or both
-    (one of the three, evenly), each replaced by FLAIR: what the preprocessing makes of a study without
-    that sequence (9 of the 85 LGG patients; a grayscale FLAIR upload), since it z-scores each channel
-    on its own. Done on the batch (on the training device) instead of per sample in workers:
-    on a 2-core CPU, workers would compete with the forward pass for the cores.
-    """
-    n = images.shape[0]
-    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(rotate_degrees)
-    zoom = 1 + (torch.rand(n, generator=generator) * 2 - 1) * scale
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
-    theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
-    theta = theta.to(images.device)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    masks = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    gain = 1 + (torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1) * 0.1
-    shift = (torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1) * 0.1
-    images = images * gain.to(images.device) + shift.to(images.device)
-    if missing_sequences > 0:  # no draws otherwise: runs without it keep their random stream
-        return drop_sequences(images, generator, missing_sequences), masks
-    return images, masks
-
-
-# Which channels a slice without some sequences shows as FLAIR: pre-contrast, post-contrast, or both.
-MISSING_SEQUENCE_CHOICES = torch.tensor([[True, False, False], [False, False, True], [True, False, True]])
-
-
-def drop_sequences(images: torch.Tensor, generator: torch.Generator, probability: float) -> torch.Tensor:
-    """Replace pre- and/or post-contrast by FLAIR (channel 1) on a random `probability` share of the slices."""
-    n = images.shape[0]
-    dropped = torch.rand(n, generator=generator) < probability
-    choice = torch.randint(len(MISSING_SEQUENCE_CHOICES), (n,), generator=generator)
-    replaced = (MISSING_SEQUENCE_CHOICES[choice] & dropped[:, None]).to(images.device)[:, :, None, None]
-    return torch.where(replaced, images[:, 1:2], images)

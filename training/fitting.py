@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from app.core.preprocessing import mask_to_input_size
+from training.augmentation import AUGMENTATIONS, SCALE, augment_batch
 from training.checkpoints import MODEL_FILE, RESUME_FILE, classifier_of
-from training.dataset import SliceCache, SliceDataset, augment_batch
+from training.dataset import SliceCache, SliceDataset
 from training.inference import predict
 from training.losses import MASK_LOSSES, mask_loss, weighted_bce_loss
 from training.metrics import per_volume_dice, roc_auc
@@ -56,6 +57,7 @@ class TrainConfig:
     ema_decay: float = 0.998  # 0 turns the moving average off
     mask_loss: str = "batch_dice"  # batch_dice | slice_dice | tversky (training.losses.MASK_LOSSES)
     missing_sequences: float = 0.0  # share of training slices shown without pre- and/or post-contrast
+    augmentation: str = "standard"  # standard | scanner (training.augmentation.AUGMENTATIONS)
     seed: int = 42
     autocast: str = "none"  # none | bf16 | fp16 (fp16 with a gradient scaler)
     channels_last: bool = True
@@ -70,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"mask_loss must be one of {tuple(MASK_LOSSES)}, got {self.mask_loss!r}")
         if not 0 <= self.missing_sequences <= 1:
             raise ValueError(f"missing_sequences is a probability, got {self.missing_sequences}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="probability that a training slice loses pre- and/or post-contrast (replaced by FLAIR, as in "
         "studies without them)",
     )
+    parser.add_argument(
+        "--augmentation",
+        choices=AUGMENTATIONS,
+        default=defaults.augmentation,
+        help="standard: flip, rotation, scale 5%%, intensity jitter; scanner: also scale 15%% and what differs "
+        "between acquisitions after the per-slice z-score (gamma, bias field, blur, coarser grid, noise)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument(
@@ -152,6 +163,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> TrainConfig:
         # A classifier has no mask: its recipe must not change with the mask loss (cv --classifiers-from).
         mask_loss=args.mask_loss if model != "classifier" else TrainConfig.mask_loss,
         missing_sequences=args.missing_sequences,
+        augmentation=args.augmentation,
         seed=args.seed,
         autocast=args.autocast,
         channels_last=args.channels_last,
@@ -367,7 +379,9 @@ def fit(
                 images.to(runtime.device),
                 masks.to(runtime.device),
                 generator,
+                scale=SCALE[config.augmentation],
                 missing_sequences=config.missing_sequences,
+                scanner=config.augmentation == "scanner",
             )
             if config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -59,6 +59,9 @@ class Hyperparameters(CardModel):
     missing_sequences: float | None = Field(
         None, description="Share of training slices shown without pre-/post-contrast (FLAIR in their place); null: 0."
     )
+    augmentation: str | None = Field(
+        None, description="standard, or scanner (also gamma, bias field, blur, coarser grid, noise); null: standard."
+    )
     seed: int = Field(description="The --seed the run used.")
     autocast: str
     channels_last: bool

@@ -1,11 +1,10 @@
-"""The kaggle_3m loader (TIFF and WebP/PNG), its cache, its errors, the patient split and augmentation."""
+"""The kaggle_3m loader (TIFF and WebP/PNG), its cache, its errors, the patient split."""
 
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from app.core.codecs import decode_image
@@ -15,7 +14,6 @@ from tests.training.conftest import SYNTHETIC, SyntheticData
 from training.dataset import (
     DatasetError,
     SliceCache,
-    augment_batch,
     find_slices,
     load_cache,
     read_image,
@@ -220,73 +218,3 @@ def test_split_file_round_trip(tmp_path: Path, synthetic_cache: SliceCache) -> N
     split = split_patients(synthetic_cache.patients, synthetic_cache.labels)
     write_split(split, tmp_path / "nested" / "split.json")
     assert read_split(tmp_path / "nested" / "split.json") == split
-
-
-# Augmentation.
-
-
-def blob_batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images whose every channel is their mask: a centered blob, so geometry can be checked after jitter."""
-    y, x = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
-    masks = ((((y - 0.1) / 0.4) ** 2 + ((x + 0.2) / 0.25) ** 2) <= 1).float().expand(n, 1, 32, 32).clone()
-    return masks.expand(n, 3, 32, 32).clone(), masks
-
-
-def test_augment_keeps_shapes_and_mask_range_and_is_reproducible() -> None:
-    images, masks = blob_batch()
-    out_images, out_masks = augment_batch(images, masks, torch.Generator().manual_seed(0))
-    assert out_images.shape == images.shape and out_masks.shape == masks.shape
-    assert out_masks.min() >= 0 and out_masks.max() <= 1
-    again_images, again_masks = augment_batch(images, masks, torch.Generator().manual_seed(0))
-    assert torch.equal(out_images, again_images) and torch.equal(out_masks, again_masks)
-    other_images, _ = augment_batch(images, masks, torch.Generator().manual_seed(1))
-    assert not torch.equal(out_images, other_images)
-
-
-def test_augment_moves_image_and_mask_together() -> None:
-    images, masks = blob_batch()
-    out_images, out_masks = augment_batch(images, masks, torch.Generator().manual_seed(3))
-    assert not torch.allclose(out_masks, masks)  # something moved
-    # Each channel is gain * mask + shift after the same warp: perfectly correlated with the warped mask.
-    for image, mask in zip(out_images, out_masks, strict=True):
-        for channel in image:
-            correlation = torch.corrcoef(torch.stack([channel.flatten(), mask.flatten()]))[0, 1]
-            assert correlation > 0.999
-
-
-def test_augment_without_rotation_and_scale_only_flips() -> None:
-    images, masks = blob_batch()
-    _, out_masks = augment_batch(images, masks, torch.Generator().manual_seed(0), rotate_degrees=0, scale=0)
-    flipped = [torch.allclose(m, masks[0].flip(-1), atol=1e-5) for m in out_masks]
-    unchanged = [torch.allclose(m, masks[0], atol=1e-5) for m in out_masks]
-    assert all(f or u for f, u in zip(flipped, unchanged, strict=True))
-    assert any(flipped) and any(unchanged)
-
-
-def test_missing_sequences_become_flair_as_preprocessing_makes_them() -> None:
-    """A dropped sequence is FLAIR exactly (what preprocess_slice gives a FLAIR-only slice); the rest is untouched."""
-    images, masks = blob_batch(256)
-    images = images + torch.randn(images.shape, generator=torch.Generator().manual_seed(5))  # channels now differ
-    kept_images, kept_masks = augment_batch(images, masks, torch.Generator().manual_seed(0))
-    out_images, out_masks = augment_batch(images, masks, torch.Generator().manual_seed(0), missing_sequences=0.5)
-    assert torch.equal(out_masks, kept_masks) and torch.equal(out_images[:, 1], kept_images[:, 1])
-    as_flair = (out_images == out_images[:, 1:2]).flatten(2).all(-1)  # (n, 3): channel equals FLAIR
-    untouched = (out_images == kept_images).flatten(2).all(-1)
-    assert (as_flair | untouched).all()
-    pre_only, post_only, both = (
-        (as_flair[:, 0] & ~as_flair[:, 2]).sum(),
-        (~as_flair[:, 0] & as_flair[:, 2]).sum(),
-        as_flair[:, [0, 2]].all(-1).sum(),
-    )
-    assert 70 <= pre_only + post_only + both <= 186  # about half of 256
-    assert min(pre_only, post_only, both) >= 20  # each of the three cases is drawn
-
-
-def test_augment_draws_nothing_extra_without_missing_sequences() -> None:
-    """Runs from before the option (and resumed ones) keep their random stream."""
-    images, masks = blob_batch()
-    generator = torch.Generator().manual_seed(0)
-    augment_batch(images, masks, generator, missing_sequences=0.0)
-    reference = torch.Generator().manual_seed(0)
-    augment_batch(images, masks, reference)
-    assert torch.equal(torch.rand(4, generator=generator), torch.rand(4, generator=reference))

@@ -78,15 +78,22 @@ def test_the_mask_loss_option_reaches_the_training_step() -> None:
         TrainConfig(model="joint", mask_loss="focal")
 
 
-def test_the_missing_sequences_option_reaches_augmentation_and_the_checkpoint(
-    monkeypatch: pytest.MonkeyPatch, tmp_path
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"missing_sequences": 0.3}, {"missing_sequences": 0.3, "scale": 0.05, "scanner": False}),
+        ({"augmentation": "scanner"}, {"missing_sequences": 0.0, "scale": 0.15, "scanner": True}),
+    ],
+)
+def test_the_augmentation_options_reach_augmentation_and_the_checkpoint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, options: dict, expected: dict
 ) -> None:
-    seen: list[float] = []
+    seen: list[dict] = []
     augment = fitting.augment_batch
 
-    def recording(*args, missing_sequences: float = 0.0, **kwargs):
-        seen.append(missing_sequences)
-        return augment(*args, missing_sequences=missing_sequences, **kwargs)
+    def recording(*args, **kwargs):
+        seen.append({k: kwargs[k] for k in expected})
+        return augment(*args, **kwargs)
 
     monkeypatch.setattr(fitting, "augment_batch", recording)
     rng = np.random.default_rng(0)
@@ -97,16 +104,20 @@ def test_the_missing_sequences_option_reaches_augmentation_and_the_checkpoint(
         patients=np.repeat(["P0", "P1"], 4),
         numbers=np.tile(np.arange(1, 5), 2),
     )
-    config = TrainConfig(
-        model="joint", size=32, width=8, blocks=(1, 1, 1, 1), epochs=1, batch_size=4, missing_sequences=0.3
-    )
+    config = TrainConfig(model="joint", size=32, width=8, blocks=(1, 1, 1, 1), epochs=1, batch_size=4, **options)
     model_file = fit(
         config, cache, np.arange(8), np.array([], int), tmp_path, Runtime(torch.device("cpu")), progress=False
     )
-    assert seen == [0.3, 0.3]
-    assert torch.load(model_file, weights_only=False)["config"]["missing_sequences"] == 0.3
+    assert seen == [expected, expected]
+    saved = torch.load(model_file, weights_only=False)["config"]
+    assert all(saved[k] == v for k, v in options.items())
+
+
+def test_augmentation_options_are_checked() -> None:
     with pytest.raises(ValueError, match="probability"):
         TrainConfig(model="joint", missing_sequences=1.5)
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        TrainConfig(model="joint", augmentation="elastic")
 
 
 class Stopped(Exception):
