@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from training.checkpoints import load_run
-from training.cv_report import cross_validation_report, output_suffix, write_report
+from training.cv_report import compact_maps, cross_validation_report, output_suffix, write_report
 from training.dataset import SliceCache, load_cache, patient_folds
 from training.fitting import Runtime, TrainConfig, add_config_arguments, check_same_recipe, config_from_args, fit
 from training.inference import predict
@@ -91,9 +91,10 @@ def predict_fold(fold_dir: Path, cache: SliceCache, fold: dict[str, list[str]], 
             images = cache.images[indices][:, [1, 1, 1]] if flair_only else cache.images[indices]
             suffix = output_suffix(flip, flair_only)
             arrays[f"{part}_tumor_probability{suffix}"] = predict(classifier, images, flip=flip)[:, 0]
-            arrays[f"{part}_probability_maps{suffix}"] = predict(segmenter, images, flip=flip)[:, 0].astype(np.float16)
+            maps = compact_maps(predict(segmenter, images, flip=flip)[:, 0])
+            arrays.update({f"{part}_{name}{suffix}": array for name, array in maps.items()})
     partial = out.with_suffix(".partial.npz")
-    np.savez(partial, **arrays)
+    np.savez_compressed(partial, **arrays)
     partial.replace(out)
 
 

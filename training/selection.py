@@ -29,9 +29,15 @@ class Outputs:
     indices: np.ndarray  # (N,) slice indices into the cache
     classifier_probability: np.ndarray  # (N,)
     probability_maps: np.ndarray  # (N, S, S) segmenter, at model size
+    # (N,) each map's highest probability when the maps were stored quantized (cv's outputs.npz): the detection
+    # score ranks slices by it down to probabilities far below the quantization step. None: the maps' own maxima.
+    stored_peaks: np.ndarray | None = None
 
-    def subset(self, keep: np.ndarray) -> "Outputs":
-        return Outputs(self.indices[keep], self.classifier_probability[keep], self.probability_maps[keep])
+    @property
+    def segmenter_peak(self) -> np.ndarray:
+        if self.stored_peaks is not None:
+            return self.stored_peaks.astype(np.float32)
+        return self.probability_maps.reshape(len(self.indices), -1).max(axis=1).astype(np.float32)
 
 
 def largest_component_per_patient(masks: np.ndarray, patients: np.ndarray, numbers: np.ndarray) -> np.ndarray:
@@ -48,8 +54,7 @@ def reported_probability(outputs: Outputs, classifier_threshold: float) -> np.nd
     """The service's tumor_probability under the card's BOTH_NETWORKS rule: the segmenter's evidence
     counts where the service runs it (classifier >= its threshold), though the outputs hold every slice's map."""
     classifier = outputs.classifier_probability.astype(np.float32)
-    peak = outputs.probability_maps.reshape(len(outputs.indices), -1).max(axis=1).astype(np.float32)
-    return tumor_probability(classifier, peak, classifier >= classifier_threshold)
+    return tumor_probability(classifier, outputs.segmenter_peak, classifier >= classifier_threshold)
 
 
 def pipeline_masks(

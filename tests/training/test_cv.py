@@ -10,7 +10,7 @@ import pytest
 
 from tests.training.conftest import REPO_ROOT, SyntheticData, run_training
 from training.cv import fold_plan
-from training.cv_report import FLAIR_ONLY, PRIMARY, VARIANTS, LeakError, evaluate_variant
+from training.cv_report import FLAIR_ONLY, PRIMARY, VARIANTS, LeakError, compact_maps, evaluate_variant
 from training.dataset import SliceCache, patient_folds
 from training.selection import Outputs, largest_component_per_patient, reported_probability
 
@@ -103,6 +103,40 @@ def test_the_flair_only_variant_reads_flair_only_held_out_outputs_with_full_inpu
     assert flair["volume_dice_mean"] < full["volume_dice_mean"]
 
 
+def test_compact_outputs_report_what_the_full_maps_report() -> None:
+    """outputs.npz's uint8 maps with exact peaks (small enough to commit) give the float maps' thresholds, Dice and
+    detection ranking; the peaks matter: from the quantized maps alone, faint slices tie at 0."""
+    cache = toy_cache(patients=16)
+    names = sorted(set(cache.patients.tolist()))
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for part, patients in (("validation", names[:8]), ("held_out", names[8:])):
+        idx = cache.indices_of(patients)
+        truth = cache.labels[idx]
+        maps = rng.uniform(0, 0.3, (len(idx), 4, 4))
+        maps[:, 1:3, 1:3] += truth[:, None, None] * rng.uniform(0.2, 0.7, (len(idx), 1, 1))
+        maps *= np.where(rng.random((len(idx), 1, 1)) < 0.3, 1e-3, 1.0)  # faint maps, below the quantization step
+        arrays[f"{part}_indices"] = idx
+        for suffix in ("", "_flip", "_flair_only"):
+            arrays[f"{part}_tumor_probability{suffix}"] = rng.uniform(0.5, 1, len(idx)).astype(np.float32)
+            arrays[f"{part}_probability_maps{suffix}"] = maps.astype(np.float32)
+    compact = dict(arrays)
+    for key in [k for k in arrays if "_probability_maps" in k]:
+        part, suffix = key.split("_probability_maps")
+        stored = compact_maps(arrays[key])
+        assert stored["probability_maps"].dtype == np.uint8
+        compact[key] = stored["probability_maps"]
+        compact[f"{part}_segmenter_peak{suffix}"] = stored["segmenter_peak"]
+    full, small = (evaluate_variant(cache, {0: a}, VARIANTS[PRIMARY], 0.97) for a in (arrays, compact))
+    chosen = [{k: v for k, v in r["thresholds_by_fold"][0].items() if k != "sweeps"} for r in (full, small)]
+    assert chosen[0] == chosen[1]
+    for patient, dice in full["volume_dice_by_patient"].items():  # pixels within a quantization step may flip
+        assert abs(small["volume_dice_by_patient"][patient] - dice) < 0.02, patient
+    assert small["roc_auc"] == full["roc_auc"]
+    peaks_dropped = {k: v for k, v in compact.items() if "_segmenter_peak" not in k}
+    assert evaluate_variant(cache, {0: peaks_dropped}, VARIANTS[PRIMARY], 0.97)["roc_auc"] != full["roc_auc"]
+
+
 def test_the_reported_probability_adds_the_segmenters_evidence_where_the_segmenter_runs() -> None:
     cache = toy_cache(patients=12)
     names = sorted(set(cache.patients.tolist()))
@@ -159,6 +193,8 @@ def test_cv_runs_resumes_and_reports_every_patient_once(synthetic_tif: Synthetic
     first = json.loads((tmp_path / "cv" / "report.json").read_text())
     assert first["folds_complete"] == [0]
     fold0 = (tmp_path / "cv" / "fold0" / "outputs.npz").stat().st_mtime_ns
+    with np.load(tmp_path / "cv" / "fold0" / "outputs.npz") as outputs:  # the compact form, small enough to commit
+        assert outputs["held_out_probability_maps"].dtype == np.uint8 and "held_out_segmenter_peak" in outputs
     log = run_training(*common, "--epochs", "1")
     assert "fold 1/2" not in log and "fold 2/2" in log  # fold 0 is done and not trained again
     with pytest.raises(AssertionError, match="another recipe"):  # a recipe change is another CV, not more folds
