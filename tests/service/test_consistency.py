@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.core.onnx_sessions import LoadedModels, load_models, read_model_card
 from app.core.pipeline import Pipeline
-from app.core.postprocessing import remove_small_components, scaled_min_pixels
+from app.core.postprocessing import remove_small_components, scaled_min_pixels, slice_mask
+from app.core.preprocessing import mask_to_input_size
 from tests.service.conftest import encode, models_with_thresholds, segmenter_map, synthetic_slice
 from tests.service.test_api import upload
 
@@ -82,3 +83,16 @@ def test_min_component_size_scales_with_the_slice_area() -> None:
     assert scaled_min_pixels(16, 128, 256, 256) == 64  # the card counts pixels at the model's input size
     assert scaled_min_pixels(16, 128, 128, 128) == 16
     assert scaled_min_pixels(0, 128, 512, 512) == 0
+
+
+@pytest.mark.parametrize("size", [(256, 256), (512, 384), (97, 131)])
+def test_a_map_below_the_threshold_skips_the_resize_and_answers_what_the_resize_would(size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    for threshold in (0.3, 0.1, 0.55):
+        for peak in (np.nextafter(np.float32(threshold), np.float32(0)), np.float32(threshold), threshold + 0.01):
+            probability_map = (rng.random((128, 128)) * peak).astype(np.float32)
+            row, column = rng.integers(1, 127, 2)
+            probability_map[row - 1 : row + 2, column - 1 : column + 2] = peak  # the resize reaches the peak
+            full = mask_to_input_size(probability_map, *size, threshold)  # the rule without the shortcut
+            np.testing.assert_array_equal(slice_mask(probability_map, *size, threshold, 0), full)
+            assert full.any() == (peak >= np.float32(threshold))
