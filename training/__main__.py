@@ -1,8 +1,8 @@
-"""`python -m training {train,cv,compare,evaluate,export,synthetic}`: the offline side of the project."""
+"""`python -m training {train,cv,ensemble,compare,evaluate,export,synthetic}`: the offline side of the project."""
 
 import argparse
 
-from training import compare, cv, evaluate, export, synthetic, train
+from training import compare, cv, ensemble, evaluate, export, synthetic, train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -11,6 +11,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, module, help_text in [
         ("train", train, "train the classifier or the segmenter"),
         ("cv", cv, "patient-grouped K-fold cross-validation of the recipe, resumable; pooled report with intervals"),
+        ("ensemble", ensemble, "the cross-validation of an ensemble of cv runs (mean outputs per fold), no training"),
         ("compare", compare, "recipes (cv folders) and shipped models side by side, as paired differences"),
         ("evaluate", evaluate, "choose thresholds on validation patients, measure on test patients, draw figures"),
         ("export", export, "export both networks to ONNX, check parity, write the model card"),

@@ -77,6 +77,8 @@ def shipped_models_dice(model_dir: Path, data: Path, patients: list[str], flair_
 
 def recipe_label(report: dict) -> str:
     recipe = report["recipe"]
+    if "ensemble_of" in recipe:
+        return "ensemble of " + " + ".join(Path(run).name for run in recipe["ensemble_of"])
     shown = ("networks", "size", "width", "epochs", "ema_decay", "mask_loss", "missing_sequences", "augmentation")
     return ", ".join(f"{k} {recipe[k]}" for k in shown if k in recipe)
 

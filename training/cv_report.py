@@ -104,7 +104,7 @@ def fold_outputs(arrays: np.lib.npyio.NpzFile, part: str, flip: bool, flair_only
         arrays[f"{part}_indices"],
         arrays[f"{part}_tumor_probability{suffix}"],
         maps.astype(np.float32) / MAP_LEVELS if maps.dtype == np.uint8 else maps,
-        arrays[peaks] if peaks in arrays else None,
+        arrays.get(peaks),
     )
 
 
