@@ -79,8 +79,11 @@ def recipe_label(report: dict) -> str:
     recipe = report["recipe"]
     if "ensemble_of" in recipe:
         return "ensemble of " + " + ".join(Path(run).name for run in recipe["ensemble_of"])
-    shown = ("networks", "size", "width", "epochs", "ema_decay", "mask_loss", "missing_sequences", "augmentation")
-    return ", ".join(f"{k} {recipe[k]}" for k in shown if k in recipe)
+    shown = (
+        "networks", "size", "width", "epochs", "ema_decay", "mask_loss", "missing_sequences", "augmentation",
+        "init_encoder",
+    )  # fmt: skip
+    return ", ".join(f"{k} {recipe[k]}" for k in shown if recipe.get(k) is not None)
 
 
 def comparison_table(

@@ -39,6 +39,9 @@ from training.networks import BothHeads, build_model, load_matching_weights
 log = logging.getLogger("training")
 
 MODELS = ("classifier", "segmenter", "joint")
+# --init-encoder classifier: the classifier trained beside the segmenter (OUT/classifier/ of `train`,
+# fold<k>/classifier/ of `cv`), one value for every fold of a CV, where a path would differ fold by fold.
+BESIDE = "classifier"
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class TrainConfig:
     autocast: str = "none"  # none | bf16 | fp16 (fp16 with a gradient scaler)
     channels_last: bool = True
     pretrained: str | None = None  # torchvision ResNet state dict (.pth)
-    init_encoder: str | None = None  # a classifier checkpoint starts a segmenter's encoder
+    init_encoder: str | None = None  # a classifier checkpoint starts a segmenter's encoder; BESIDE: the run's own
     device: str = field(default="", compare=False)  # filled in by fit(): what actually trained the run
 
     def __post_init__(self) -> None:
@@ -145,6 +148,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=defaults.channels_last)
     parser.add_argument("--pretrained", help="torchvision ResNet state dict (.pth) for transfer learning")
+    parser.add_argument(
+        "--init-encoder",
+        help=f"start the segmenter's encoder from a classifier checkpoint, or '{BESIDE}': from the classifier trained "
+        "beside it (OUT/classifier of train, each fold's classifier in cv, trained first)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from last.pt")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
@@ -168,7 +176,8 @@ def config_from_args(args: argparse.Namespace, model: str) -> TrainConfig:
         autocast=args.autocast,
         channels_last=args.channels_last,
         pretrained=args.pretrained,
-        init_encoder=getattr(args, "init_encoder", None),
+        # A classifier does not start from a classifier: its recipe stays the one cv --classifiers-from reuses.
+        init_encoder=args.init_encoder if model != "classifier" else None,
     )
 
 
@@ -193,16 +202,29 @@ def moving_average(model: nn.Module, decay: float) -> AveragedModel:
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def build_network(config: TrainConfig) -> nn.Module:
+def encoder_checkpoint(config: TrainConfig, out_dir: Path | None) -> Path | None:
+    """The classifier checkpoint the encoder starts from: --init-encoder's path, or the classifier beside out_dir."""
+    if config.init_encoder == BESIDE:
+        if out_dir is None:
+            raise ValueError(f"init_encoder={BESIDE!r} needs the run's folder")
+        path = out_dir.parent / BESIDE / MODEL_FILE
+        if not path.exists():
+            raise SystemExit(f"--init-encoder {BESIDE}: no trained classifier at {path} (train it first)")
+        return path
+    return Path(config.init_encoder) if config.init_encoder else None
+
+
+def build_network(config: TrainConfig, out_dir: Path | None = None) -> nn.Module:
+    """A new network of the config; `out_dir` (the run's folder) places `--init-encoder classifier`."""
     model = build_model(config.model, config.width, config.blocks)
     if config.pretrained:  # torchvision ImageNet ResNet state dict (width 64)
         state = torch.load(config.pretrained, map_location="cpu", weights_only=True)
         loaded = load_matching_weights(classifier_of(model), state)
         log.info("loaded %d tensors from %s", len(loaded), config.pretrained)
-    if config.init_encoder:
-        state = torch.load(config.init_encoder, map_location="cpu", weights_only=True)["model"]
+    if encoder := encoder_checkpoint(config, out_dir):
+        state = torch.load(encoder, map_location="cpu", weights_only=True)["model"]
         loaded = load_matching_weights(classifier_of(model), state)
-        log.info("encoder starts from %s (%d tensors)", config.init_encoder, len(loaded))
+        log.info("encoder starts from %s (%d tensors)", encoder, len(loaded))
     return model
 
 
@@ -340,7 +362,7 @@ def fit(
     config = TrainConfig(**{**asdict(config), "device": runtime.device.type})
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed + runtime.rank)
-    model = build_network(config).to(runtime.device)
+    model = build_network(config, out_dir).to(runtime.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = moving_average(model, config.ema_decay) if config.ema_decay > 0 else None

@@ -55,7 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODELS, required=True)
     parser.add_argument("--out", default="runs", help="checkpoints and logs go to OUT/<model>/")
     parser.add_argument("--split", default="runs/split.json", help="patient split; created if missing")
-    parser.add_argument("--init-encoder", help="classifier checkpoint to start the segmenter's encoder from")
     parser.add_argument(
         "--all-patients",
         action="store_true",

@@ -263,6 +263,12 @@ def test_cv_with_separate_networks_trains_both_per_fold_and_keeps_its_recipe(
     assert (first / "classifier" / "model.pt").read_bytes() == (second / "classifier" / "model.pt").read_bytes()
     assert (first / "segmenter" / "model.pt").read_bytes() != (second / "segmenter" / "model.pt").read_bytes()
     assert json.loads((tmp_path / "cv-tversky" / "report.json").read_text())["recipe"]["mask_loss"] == "tversky"
+    # The segmenter's encoder can start from each fold's own classifier: one recipe for every fold.
+    beside = [arg if arg != tmp_path / "cv" else tmp_path / "cv-encoder" for arg in common]
+    log = run_training(*beside, *reuse, "--init-encoder", "classifier")
+    for k in (0, 1):
+        assert f"encoder starts from {tmp_path / 'cv-encoder' / f'fold{k}' / 'classifier' / 'model.pt'}" in log
+    assert json.loads((tmp_path / "cv-encoder" / "report.json").read_text())["recipe"]["init_encoder"] == "classifier"
     # ... and only when the classifier's recipe is the same.
     refused = [arg if arg != tmp_path / "cv" else tmp_path / "cv-missing" for arg in common]
     with pytest.raises(AssertionError, match=r"another recipe \(missing_sequences"):

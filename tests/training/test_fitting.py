@@ -3,6 +3,7 @@
 import itertools
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +62,20 @@ def test_resuming_under_another_recipe_is_refused() -> None:
         check_same_recipe(saved, TrainConfig(model="joint", mask_loss="slice_dice"))
     with pytest.raises(SystemExit, match=r"lr: 0\.001 -> 0\.002"):
         check_same_recipe(saved, TrainConfig(model="joint", lr=2e-3))
+
+
+def test_the_segmenter_encoder_starts_from_the_classifier_beside_it(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    classifier = build_network(TrainConfig(model="classifier", width=8, blocks=(1, 1, 1, 1)))
+    config = TrainConfig(model="segmenter", width=8, blocks=(1, 1, 1, 1), init_encoder="classifier")
+    with pytest.raises(SystemExit, match="no trained classifier"):
+        build_network(config, tmp_path / "segmenter")
+    (tmp_path / "classifier").mkdir()
+    torch.save({"model": classifier.state_dict()}, tmp_path / "classifier" / "model.pt")
+    segmenter = build_network(config, tmp_path / "segmenter")
+    assert torch.equal(segmenter.encoder.layer1[0].conv1.weight, classifier.layer1[0].conv1.weight)
+    scratch = build_network(TrainConfig(model="segmenter", width=8, blocks=(1, 1, 1, 1)), tmp_path / "segmenter")
+    assert not torch.equal(scratch.encoder.layer1[0].conv1.weight, classifier.layer1[0].conv1.weight)
 
 
 def test_the_mask_loss_option_reaches_the_training_step() -> None:
