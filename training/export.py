@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import platform
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from app.core.model_card import (
 from app.core.postprocessing import BOTH_NETWORKS, DETECTION_RULE
 from app.core.preprocessing import CHANNEL_ORDER, NORMALIZATION
 from training.checkpoints import load_run
+from training.cv_report import RECIPE_OPTIONS
 from training.dataset import load_cache, read_split
+from training.fitting import TrainConfig
 from training.inference import predict
 from training.logs import setup_logging
 from training.networks import count_gflops, count_parameters
@@ -75,6 +78,35 @@ def training_run(checkpoint: dict) -> dict:
         **({"final_validation": final} if final else {}),
         "hyperparameters": {k: config[k] for k in Hyperparameters.model_fields if k in config},
     }
+
+
+# Options the classifier of a --networks separate run leaves at their defaults whatever the recipe says.
+SEGMENTER_ONLY_OPTIONS = ("mask_loss", "init_encoder")
+
+
+def check_cv_recipe(networks: dict[str, tuple[nn.Module, dict]], cv_report: dict) -> None:
+    """The card's CV figures and thresholds describe the recipe that CV trained: refuse networks of another
+    recipe, and a CV with unfinished folds (its figures and thresholds would stand for fewer patients than it says)."""
+    recipe = cv_report["recipe"]
+    if "ensemble_of" in recipe:
+        raise SystemExit("--cv-report: an ensemble's CV, not these models' (export writes no ensemble)")
+    missing = sorted(set(range(cv_report["folds"])) - set(cv_report["folds_complete"]))
+    if missing:
+        raise SystemExit(f"--cv-report: folds {[k + 1 for k in missing]} of {cv_report['folds']} unfinished")
+    defaults = asdict(TrainConfig(model="segmenter"))
+    expected = {k: defaults.get(k) for k in RECIPE_OPTIONS} | {k: v for k, v in recipe.items() if v is not None}
+    changed = []
+    for kind, (_, checkpoint) in networks.items():
+        config = {**defaults, **checkpoint["config"]}
+        config["networks"] = "joint" if config["model"] == "joint" else "separate"
+        for option in RECIPE_OPTIONS:
+            if kind == "classifier" and config["networks"] == "separate" and option in SEGMENTER_ONLY_OPTIONS:
+                continue
+            want, have = json.loads(json.dumps(expected[option])), json.loads(json.dumps(config[option]))
+            if want != have:
+                changed.append(f"{kind} {option}: {have!r}, CV {want!r}")
+    if changed:
+        raise SystemExit(f"--cv-report: these networks were not trained with the CV's recipe ({'; '.join(changed)})")
 
 
 def thresholds_from_cv(cv_report: dict) -> dict[str, float]:
@@ -244,6 +276,8 @@ def run(args: argparse.Namespace) -> dict:
     cv_report = json.loads(Path(args.cv_report).read_text()) if args.cv_report else None
     if report is None and cv_report is None:
         raise SystemExit("export needs --report (single-split evaluation) or --cv-report (cross-validation), or both")
+    if cv_report is not None:
+        check_cv_recipe(networks, cv_report)
     thresholds = report["thresholds"] if report else thresholds_from_cv(cv_report)
     # Parity on real slices the model did not train on where there are any (validation), else on training ones.
     parity_images = cache.images[cache.indices_of(split["val"] or split["train"])][: args.parity_slices]

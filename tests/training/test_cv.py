@@ -234,6 +234,10 @@ def test_final_model_on_every_patient_exports_with_the_cv_thresholds_and_figures
     pooled = card["cross_validation"]["pooled"]["volume_dice_mean"]
     assert pooled["low"] <= pooled["estimate"] <= pooled["high"]
     assert "metrics" not in card  # no single-split figures for a model that trained on every patient
+    other = ["--out", tmp_path / "other", "--split", split, "--mask-loss", "slice_dice"]
+    run_training("train", "--model", "joint", "--all-patients", *data, *tiny, *other)
+    with pytest.raises(AssertionError, match="not trained with the CV's recipe"):  # its figures would not be its own
+        run_training(*export[:2], tmp_path / "other", *export[3:], "--cv-report", tmp_path / "cv" / "report.json")
 
 
 @pytest.mark.slow
