@@ -28,10 +28,12 @@ def augment_batch(
     scale: float = 0.05,
     missing_sequences: float = 0.0,
     scanner: bool = False,
+    fill_background: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal flip, rotation, scale and per-channel intensity jitter, on a whole batch.
 
-    With `scanner`, each slice then goes through scanner_variation. With probability `missing_sequences` a slice
+    With `scanner`, each slice then goes through scanner_variation, and with probability `fill_background` through
+    filled_background. With probability `missing_sequences` a slice
     also loses its pre-contrast, its post-contrast or both (one of the three, evenly), each replaced by FLAIR:
     what the preprocessing makes of a study without that sequence (9 of the 85 LGG patients; a grayscale FLAIR
     upload), since it z-scores each channel on its own.
@@ -54,6 +56,8 @@ def augment_batch(
     # No draws for the options that are off: runs without them keep their random stream.
     if scanner:
         images = scanner_variation(images, generator)
+    if fill_background > 0:
+        images = filled_background(images, generator, fill_background)
     if missing_sequences > 0:
         images = drop_sequences(images, generator, missing_sequences)
     return images, masks
@@ -70,6 +74,39 @@ def drop_sequences(images: torch.Tensor, generator: torch.Generator, probability
     choice = torch.randint(len(MISSING_SEQUENCE_CHOICES), (n,), generator=generator)
     replaced = (MISSING_SEQUENCE_CHOICES[choice] & dropped[:, None]).to(images.device)[:, :, None, None]
     return torch.where(replaced, images[:, 1:2], images)
+
+
+# A pixel is outside the head where every channel, min-max scaled, is below this (the LGG slices' background is
+# 0-2 of 255, tissue from ~30).
+BACKGROUND_LEVEL = 0.08
+FILLED_CHANNELS = torch.tensor([0, 2])  # pre- and post-contrast
+FILL_QUANTILES = (0.0, 0.8)  # the fill's level among the head's intensities of that channel
+
+
+def filled_background(images: torch.Tensor, generator: torch.Generator, probability: float) -> torch.Tensor:
+    """On a `probability` share of the slices, pre- or post-contrast (evenly) gets the background around the head
+    filled with one tissue-level intensity, then that channel is z-scored again.
+
+    Three LGG patients' pre-contrast is like that (TCGA_FG_5962, _7637 and _A4MU: background 61-103 of 255, about
+    their head's median, where everyone else's is 0-2): the z-score does not undo it, and a segmenter that never
+    saw it missed most of their tumors (Dice 0.27-0.72, docs/cv/separate-missing-encoder fold 2, which holds all
+    three out). The masks do not change."""
+    n = images.shape[0]
+    chosen = torch.rand(n, generator=generator) < probability
+    channel = FILLED_CHANNELS[torch.randint(len(FILLED_CHANNELS), (n,), generator=generator)]
+    quantile = FILL_QUANTILES[0] + torch.rand(n, generator=generator) * (FILL_QUANTILES[1] - FILL_QUANTILES[0])
+    images = images.clone()
+    for i in torch.nonzero(chosen).flatten().tolist():
+        low = images[i].amin(dim=(1, 2), keepdim=True)
+        scaled = (images[i] - low) / (images[i].amax(dim=(1, 2), keepdim=True) - low).clamp_min(1e-6)
+        background = scaled.amax(dim=0) < BACKGROUND_LEVEL
+        if not background.any() or background.all():
+            continue
+        plane = images[i, int(channel[i])]
+        level = torch.quantile(plane[~background], float(quantile[i]))
+        filled = torch.where(background, level, plane)
+        images[i, int(channel[i])] = restandardize(filled[None, None], plane[None, None])[0, 0]
+    return images
 
 
 # Each transform: the share of slices it is drawn for, and its range (nnU-Net's intensity augmentations, on the

@@ -81,7 +81,7 @@ def recipe_label(report: dict) -> str:
         return "ensemble of " + " + ".join(Path(run).name for run in recipe["ensemble_of"])
     shown = (
         "networks", "size", "width", "epochs", "ema_decay", "mask_loss", "missing_sequences", "augmentation",
-        "init_encoder",
+        "fill_background", "init_encoder",
     )  # fmt: skip
     return ", ".join(f"{k} {recipe[k]}" for k in shown if recipe.get(k) is not None)
 

@@ -58,7 +58,7 @@ PRIMARY = next(iter(VARIANTS))
 FLAIR_ONLY = next(name for name, variant in VARIANTS.items() if variant.flair_only)
 RECIPE_OPTIONS = (
     "networks", "size", "width", "blocks", "epochs", "warmup_epochs", "batch_size", "lr", "ema_decay", "mask_loss",
-    "missing_sequences", "augmentation", "init_encoder", "seed", "autocast",
+    "missing_sequences", "augmentation", "fill_background", "init_encoder", "seed", "autocast",
 )  # fmt: skip
 NETWORKS_TEXT = {
     "joint": "one joint ResUNet (its encoder is the ResNet classifier)",

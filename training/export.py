@@ -81,7 +81,7 @@ def training_run(checkpoint: dict) -> dict:
 
 
 # Options the classifier of a --networks separate run leaves at their defaults whatever the recipe says.
-SEGMENTER_ONLY_OPTIONS = ("mask_loss", "init_encoder")
+SEGMENTER_ONLY_OPTIONS = ("mask_loss", "fill_background", "init_encoder")
 
 
 def check_cv_recipe(networks: dict[str, tuple[nn.Module, dict]], cv_report: dict) -> None:

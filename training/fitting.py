@@ -61,6 +61,7 @@ class TrainConfig:
     mask_loss: str = "batch_dice"  # batch_dice | slice_dice | tversky (training.losses.MASK_LOSSES)
     missing_sequences: float = 0.0  # share of training slices shown without pre- and/or post-contrast
     augmentation: str = "standard"  # standard | scanner (training.augmentation.AUGMENTATIONS)
+    fill_background: float = 0.0  # share of slices whose pre- or post-contrast background is filled (segmenters)
     seed: int = 42
     autocast: str = "none"  # none | bf16 | fp16 (fp16 with a gradient scaler)
     channels_last: bool = True
@@ -75,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"mask_loss must be one of {tuple(MASK_LOSSES)}, got {self.mask_loss!r}")
         if not 0 <= self.missing_sequences <= 1:
             raise ValueError(f"missing_sequences is a probability, got {self.missing_sequences}")
+        if not 0 <= self.fill_background <= 1:
+            raise ValueError(f"fill_background is a probability, got {self.fill_background}")
         if self.augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
 
@@ -138,6 +141,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="standard: flip, rotation, scale 5%%, intensity jitter; scanner: also scale 15%% and what differs "
         "between acquisitions after the per-slice z-score (gamma, bias field, blur, coarser grid, noise)",
     )
+    parser.add_argument(
+        "--fill-background",
+        type=float,
+        default=defaults.fill_background,
+        help="probability that a segmenter's training slice has its pre- or post-contrast background filled with "
+        "a tissue-level intensity, as three LGG patients' pre-contrast is (the classifier keeps 0)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument(
@@ -172,6 +182,9 @@ def config_from_args(args: argparse.Namespace, model: str) -> TrainConfig:
         mask_loss=args.mask_loss if model != "classifier" else TrainConfig.mask_loss,
         missing_sequences=args.missing_sequences,
         augmentation=args.augmentation,
+        # The classifier found those patients' tumor slices without it; a recipe that changes only the segmenter
+        # reuses the classifiers of another CV (cv --classifiers-from).
+        fill_background=args.fill_background if model != "classifier" else TrainConfig.fill_background,
         seed=args.seed,
         autocast=args.autocast,
         channels_last=args.channels_last,
@@ -404,6 +417,7 @@ def fit(
                 scale=SCALE[config.augmentation],
                 missing_sequences=config.missing_sequences,
                 scanner=config.augmentation == "scanner",
+                fill_background=config.fill_background,
             )
             if config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

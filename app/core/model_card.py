@@ -62,6 +62,9 @@ class Hyperparameters(CardModel):
     augmentation: str | None = Field(
         None, description="standard, or scanner (also gamma, bias field, blur, coarser grid, noise); null: standard."
     )
+    fill_background: float | None = Field(
+        None, description="Share of training slices whose pre- or post-contrast background was filled; null: 0."
+    )
     seed: int = Field(description="The --seed the run used.")
     autocast: str
     channels_last: bool

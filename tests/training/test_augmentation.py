@@ -1,10 +1,11 @@
 """Training augmentation: geometry moves image and mask together, missing sequences become FLAIR as the
-preprocessing makes them, and the scanner variation is a new acquisition after the preprocessing's z-score."""
+preprocessing makes them, the scanner variation is a new acquisition after the preprocessing's z-score, and a
+filled background is what the preprocessing makes of a T1 series padded with a tissue-level intensity."""
 
 import torch
 
 from app.core.preprocessing import preprocess_slice
-from training.augmentation import augment_batch, gaussian_blur, scanner_variation
+from training.augmentation import augment_batch, filled_background, gaussian_blur, scanner_variation
 
 
 def blob_batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +119,49 @@ def test_augment_draws_nothing_extra_without_the_scanner_variation() -> None:
     generator = torch.Generator().manual_seed(0)
     augment_batch(images, masks, generator, scanner=False)
     reference = torch.Generator().manual_seed(0)
+    augment_batch(images, masks, reference)
+    assert torch.equal(torch.rand(4, generator=generator), torch.rand(4, generator=reference))
+
+
+def test_filled_background_is_one_t1_channel_padded_at_a_tissue_level_z_scored_again() -> None:
+    size, generator = 32, torch.Generator().manual_seed(7)
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    head = y**2 + x**2 <= 0.8
+    raw = (head * (60 + 100 * (y + 1) / 2)).expand(64, 3, size, size) + torch.rand(
+        64, 3, size, size, generator=generator
+    ) * 8
+    images = torch.stack(
+        [torch.from_numpy(preprocess_slice(r.permute(1, 2, 0).round().to(torch.uint8).numpy(), size)) for r in raw]
+    )
+    out = filled_background(images, torch.Generator().manual_seed(0), 1.0)
+    changed = ~(out == images).flatten(2).all(-1)  # (n, 3)
+    assert changed.sum(1).eq(1).all() and not changed[:, 1].any()  # one of pre- and post-contrast, FLAIR never
+    assert 16 <= changed[:, 0].sum() <= 48  # both drawn, about evenly
+    torch.testing.assert_close(out.mean(dim=(2, 3)), images.mean(dim=(2, 3)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.std(dim=(2, 3)), images.std(dim=(2, 3)), atol=1e-4, rtol=1e-4)
+    levels = []
+    for i, channel in torch.nonzero(changed).tolist():
+        filled = out[i, channel]
+        assert filled[~head].unique().numel() == 1  # one intensity all around the head
+        level = filled[~head][0]
+        assert filled[head].min() <= level <= filled[head].quantile(0.8) + 1e-5  # a tissue level, not black
+        levels.append(((level - filled[head].min()) / (filled[head].max() - filled[head].min())).item())
+        # The head keeps its intensities up to the z-score's affine change.
+        correlation = torch.corrcoef(torch.stack([filled[head], images[i, channel][head]]))[0, 1]
+        assert correlation > 0.9999
+    assert max(levels) - min(levels) > 0.4  # levels drawn across the head's range
+
+
+def test_filled_background_draws_its_share_and_leaves_masks_alone() -> None:
+    images, masks = blob_batch(200)
+    images = preprocessed_batch(200)
+    plain_images, plain_masks = augment_batch(images, masks, torch.Generator().manual_seed(0))
+    out_images, out_masks = augment_batch(images, masks, torch.Generator().manual_seed(0), fill_background=0.3)
+    assert torch.equal(out_masks, plain_masks)
+    filled = ~(out_images == plain_images).flatten(1).all(-1)
+    assert 35 <= filled.sum() <= 85  # about 30% of 200
+    generator, reference = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    augment_batch(images, masks, generator, fill_background=0.0)  # off: no draws, the random stream is kept
     augment_batch(images, masks, reference)
     assert torch.equal(torch.rand(4, generator=generator), torch.rand(4, generator=reference))
 

@@ -258,15 +258,16 @@ def test_cv_with_separate_networks_trains_both_per_fold_and_keeps_its_recipe(
     with pytest.raises(AssertionError, match="another recipe"):  # the joint recipe is another CV
         run_training(*common)
 
-    # A segmenter-only change reuses the folds' classifiers: same weights, a new segmenter.
+    # A segmenter-only change (loss, filled backgrounds) reuses the folds' classifiers: same weights, a new segmenter.
     other = [arg if arg != tmp_path / "cv" else tmp_path / "cv-tversky" for arg in common]
     reuse = ["--networks", "separate", "--classifiers-from", tmp_path / "cv"]
-    log = run_training(*other, *reuse, "--mask-loss", "tversky", "--only-folds", "0")
+    log = run_training(*other, *reuse, "--mask-loss", "tversky", "--fill-background", "0.5", "--only-folds", "0")
     assert "classifier copied from" in log
     first, second = (tmp_path / run / "fold0" for run in ("cv", "cv-tversky"))
     assert (first / "classifier" / "model.pt").read_bytes() == (second / "classifier" / "model.pt").read_bytes()
     assert (first / "segmenter" / "model.pt").read_bytes() != (second / "segmenter" / "model.pt").read_bytes()
-    assert json.loads((tmp_path / "cv-tversky" / "report.json").read_text())["recipe"]["mask_loss"] == "tversky"
+    recipe = json.loads((tmp_path / "cv-tversky" / "report.json").read_text())["recipe"]
+    assert recipe["mask_loss"] == "tversky" and recipe["fill_background"] == 0.5
     # The segmenter's encoder can start from each fold's own classifier: one recipe for every fold.
     beside = [arg if arg != tmp_path / "cv" else tmp_path / "cv-encoder" for arg in common]
     log = run_training(*beside, *reuse, "--init-encoder", "classifier")

@@ -98,6 +98,7 @@ def test_the_mask_loss_option_reaches_the_training_step() -> None:
     [
         ({"missing_sequences": 0.3}, {"missing_sequences": 0.3, "scale": 0.05, "scanner": False}),
         ({"augmentation": "scanner"}, {"missing_sequences": 0.0, "scale": 0.15, "scanner": True}),
+        ({"fill_background": 0.2}, {"fill_background": 0.2, "scanner": False}),
     ],
 )
 def test_the_augmentation_options_reach_augmentation_and_the_checkpoint(
@@ -131,6 +132,8 @@ def test_the_augmentation_options_reach_augmentation_and_the_checkpoint(
 def test_augmentation_options_are_checked() -> None:
     with pytest.raises(ValueError, match="probability"):
         TrainConfig(model="joint", missing_sequences=1.5)
+    with pytest.raises(ValueError, match="fill_background is a probability"):
+        TrainConfig(model="segmenter", fill_background=-0.1)
     with pytest.raises(ValueError, match="augmentation must be one of"):
         TrainConfig(model="joint", augmentation="elastic")
 
