@@ -95,11 +95,10 @@ def filled_background(images: torch.Tensor, generator: torch.Generator, probabil
     chosen = torch.rand(n, generator=generator) < probability
     channel = FILLED_CHANNELS[torch.randint(len(FILLED_CHANNELS), (n,), generator=generator)]
     quantile = FILL_QUANTILES[0] + torch.rand(n, generator=generator) * (FILL_QUANTILES[1] - FILL_QUANTILES[0])
+    outside_head = min_max_scaled(images).amax(dim=1) < BACKGROUND_LEVEL  # (n, height, width)
     images = images.clone()
     for i in torch.nonzero(chosen).flatten().tolist():
-        low = images[i].amin(dim=(1, 2), keepdim=True)
-        scaled = (images[i] - low) / (images[i].amax(dim=(1, 2), keepdim=True) - low).clamp_min(1e-6)
-        background = scaled.amax(dim=0) < BACKGROUND_LEVEL
+        background = outside_head[i]
         if not background.any() or background.all():
             continue
         plane = images[i, int(channel[i])]
@@ -124,9 +123,7 @@ def scanner_variation(images: torch.Tensor, generator: torch.Generator) -> torch
     the slices, on the slice's intensities min-max scaled to 0..1 per channel; then each channel is z-scored again
     (mean and std restored), as the preprocessing z-scores what it is given. The masks do not change."""
     n, channels, height, width = images.shape
-    low = images.amin(dim=(2, 3), keepdim=True)
-    span = (images.amax(dim=(2, 3), keepdim=True) - low).clamp_min(1e-6)
-    x = (images - low) / span
+    x = min_max_scaled(images)
 
     def drawn(share: float, shape: tuple[int, ...] = (n,)) -> torch.Tensor:
         return torch.rand(shape, generator=generator) < share
@@ -163,6 +160,12 @@ def scanner_variation(images: torch.Tensor, generator: torch.Generator) -> torch
     x = x + torch.randn(x.shape, generator=generator).to(x.device) * noise_std.to(x.device)
 
     return restandardize(x, images)
+
+
+def min_max_scaled(images: torch.Tensor) -> torch.Tensor:
+    """Each slice's channels scaled to 0..1, as the 8-bit file's intensities were before the z-score."""
+    low = images.amin(dim=(2, 3), keepdim=True)
+    return (images - low) / (images.amax(dim=(2, 3), keepdim=True) - low).clamp_min(1e-6)
 
 
 def restandardize(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from app.core.preprocessing import CHANNEL_ORDER, NORMALIZATION
 from training.checkpoints import load_run
 from training.cv_report import RECIPE_OPTIONS
 from training.dataset import load_cache, read_split
-from training.fitting import TrainConfig
+from training.fitting import SEGMENTER_ONLY_OPTIONS, TrainConfig
 from training.inference import predict
 from training.logs import setup_logging
 from training.networks import count_gflops, count_parameters
@@ -78,10 +78,6 @@ def training_run(checkpoint: dict) -> dict:
         **({"final_validation": final} if final else {}),
         "hyperparameters": {k: config[k] for k in Hyperparameters.model_fields if k in config},
     }
-
-
-# Options the classifier of a --networks separate run leaves at their defaults whatever the recipe says.
-SEGMENTER_ONLY_OPTIONS = ("mask_loss", "fill_background", "init_encoder")
 
 
 def check_cv_recipe(networks: dict[str, tuple[nn.Module, dict]], cv_report: dict) -> None:

@@ -44,6 +44,12 @@ MODELS = ("classifier", "segmenter", "joint")
 BESIDE = "classifier"
 
 
+# Options a classifier leaves at their defaults whatever the recipe says: a recipe that changes only them changes
+# only the segmenter, and reuses another CV's classifiers (cv --classifiers-from). A classifier has no mask (loss),
+# does not start from a classifier, and found the filled-background patients' tumor slices without that augmentation.
+SEGMENTER_ONLY_OPTIONS = ("mask_loss", "fill_background", "init_encoder")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a run; saved in every checkpoint and, by export, in the model card."""
@@ -168,30 +174,28 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> TrainConfig:
-    return TrainConfig(
-        model=model,
-        size=args.size,
-        width=args.width,
-        blocks=tuple(args.blocks),
-        epochs=args.epochs,
-        warmup_epochs=args.warmup_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        ema_decay=args.ema_decay,
-        # A classifier has no mask: its recipe must not change with the mask loss (cv --classifiers-from).
-        mask_loss=args.mask_loss if model != "classifier" else TrainConfig.mask_loss,
-        missing_sequences=args.missing_sequences,
-        augmentation=args.augmentation,
-        # The classifier found those patients' tumor slices without it; a recipe that changes only the segmenter
-        # reuses the classifiers of another CV (cv --classifiers-from).
-        fill_background=args.fill_background if model != "classifier" else TrainConfig.fill_background,
-        seed=args.seed,
-        autocast=args.autocast,
-        channels_last=args.channels_last,
-        pretrained=args.pretrained,
-        # A classifier does not start from a classifier: its recipe stays the one cv --classifiers-from reuses.
-        init_encoder=args.init_encoder if model != "classifier" else None,
-    )
+    options = {
+        "size": args.size,
+        "width": args.width,
+        "blocks": tuple(args.blocks),
+        "epochs": args.epochs,
+        "warmup_epochs": args.warmup_epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "ema_decay": args.ema_decay,
+        "mask_loss": args.mask_loss,
+        "missing_sequences": args.missing_sequences,
+        "augmentation": args.augmentation,
+        "fill_background": args.fill_background,
+        "seed": args.seed,
+        "autocast": args.autocast,
+        "channels_last": args.channels_last,
+        "pretrained": args.pretrained,
+        "init_encoder": args.init_encoder,
+    }
+    if model == "classifier":
+        options.update({k: getattr(TrainConfig, k) for k in SEGMENTER_ONLY_OPTIONS})
+    return TrainConfig(model=model, **options)
 
 
 def seed_everything(seed: int) -> None:
